@@ -1,0 +1,258 @@
+"""Publishing with confirms, and the consumer every service runs (kombu ConsumerMixin).
+
+What the consumer does with a delivery:
+- not JSON, not an envelope, unknown type, payload fails its schema → `<queue>.dead` at once;
+- handler raises PermanentError → the service's failure hook, then `<queue>.dead`;
+- handler raises anything else (TransientError, a bug) → `<queue>.retry.<tier>` with the
+  attempt count in our own header; after `max_attempts` → failure hook, then `<queue>.dead`;
+- handler returns → ack (the handler has committed its transaction by then).
+Dead letters and retries are published with confirms before the original is acked, so a
+crash at any point leaves the message in one queue or another, never nowhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from kombu import Connection, Consumer, Message, Producer, Queue
+from kombu.mixins import ConsumerMixin
+
+from shared.contracts import Event
+from shared.envelope import Envelope
+from shared.errors import MalformedMessageError, PermanentError
+from shared.settings import Settings
+from shared.topology import (
+    ATTEMPTS_HEADER,
+    DEAD_EXCHANGE,
+    DEFAULT_EXCHANGE,
+    ERROR_HEADER,
+    EVENTS_EXCHANGE,
+    FAILED_AT_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    QueueSpec,
+    all_queues,
+    dead_queue,
+    retry_queue,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Envelope], None]
+FailureHook = Callable[[Any, Envelope, BaseException], None]
+
+
+def connect(url: str, *, confirm: bool = False) -> Connection:
+    """A kombu connection; `confirm` turns on publisher confirms (AMQP only)."""
+    options = {"confirm_publish": True} if confirm else {}
+    return Connection(url, transport_options=options, connect_timeout=10)
+
+
+def raw_body(message: Message) -> bytes:
+    """The body as sent: py-amqp hands text bodies over already decoded."""
+    body = message.body
+    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+
+
+def supports_ttl(connection: Connection) -> bool:
+    """In-memory transports have no TTL or dead-lettering: retries are timed in-process."""
+    return str(connection.transport.driver_type) in {"amqp", "pyamqp"}
+
+
+class Publisher:
+    """Publishes raw JSON bodies with confirms over its own connection. Not thread-safe."""
+
+    def __init__(self, url: str) -> None:
+        self._connection = connect(url, confirm=True)
+        self._producer: Producer | None = None
+
+    def _get_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(self._connection.channel())
+        return self._producer
+
+    def publish(
+        self,
+        body: bytes,
+        *,
+        routing_key: str,
+        exchange: Any = EVENTS_EXCHANGE,
+        headers: Mapping[str, Any] | None = None,
+        declare: Iterable[Queue] = (),
+        content_encoding: str = "utf-8",
+    ) -> None:
+        """Publish and wait for the broker's confirm. Raises kombu/amqp errors on failure."""
+        ensure = self._connection.ensure(
+            self, self._publish_once, max_retries=3, interval_start=0.2, interval_step=0.5
+        )
+        ensure(body, routing_key, exchange, dict(headers or {}), list(declare), content_encoding)
+
+    def _publish_once(
+        self, body: bytes | str, routing_key: str, exchange: Any, headers: dict[str, Any],
+        declare: list[Queue], content_encoding: str,
+    ) -> None:
+        self._get_producer().publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            headers=headers,
+            content_type="application/json",
+            content_encoding=content_encoding,
+            delivery_mode=2,
+            declare=declare,
+        )
+
+    def revive(self, channel: Any) -> None:
+        """Called by kombu's ensure() after a reconnect."""
+        self._producer = None
+
+    def close(self) -> None:
+        self._connection.release()
+
+
+def declare_topology(url: str, spec: QueueSpec, settings: Settings) -> None:
+    """Declare a service's exchange, work, dead and retry queues (idempotent)."""
+    with connect(url) as connection:
+        channel = connection.channel()
+        for queue in all_queues(spec, settings.delivery_limit, settings.retry_delays):
+            queue(channel).declare()
+        channel.close()
+
+
+class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
+    """Consumes one service's work queue and dispatches envelopes to plain handler functions."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spec: QueueSpec,
+        handlers: Mapping[str, Handler],
+        on_failure: FailureHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.handlers = dict(handlers)
+        self.on_failure = on_failure
+        self.connection = connect(settings.broker_url)
+        self._publisher = Publisher(settings.broker_url)
+        self._ttl = supports_ttl(self.connection)
+        self._timers: set[threading.Timer] = set()
+        self.handled = 0
+
+    # -- kombu hooks -----------------------------------------------------------------
+    def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
+        queues = all_queues(self.spec, self.settings.delivery_limit, self.settings.retry_delays)
+        for queue in queues:
+            queue(channel).declare()
+        consumer = consumer_cls(
+            queues=[queues[0]],
+            on_message=self.on_message,
+            accept=["application/json"],
+            prefetch_count=self.settings.prefetch,
+        )
+        # kombu's default on_decode_error acks (loses) the message: dead-letter it instead.
+        consumer.on_decode_error = self._on_decode_error
+        return [consumer]
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        log.warning("%s: broker connection lost (%s); retrying in %.1fs", self.spec.name,
+                    exc, interval)
+
+    def _on_decode_error(self, message: Message, exc: BaseException) -> None:
+        self._dead_letter(message, "malformed", f"undecodable message: {exc}", 0)
+
+    # -- dispatch ---------------------------------------------------------------------
+    def on_message(self, message: Message) -> None:
+        headers = dict(message.headers or {})
+        attempts = int(headers.get(ATTEMPTS_HEADER, 0) or 0)
+        try:
+            envelope = Envelope.from_json(message.body)
+            event = envelope.event()
+        except MalformedMessageError as error:
+            self._dead_letter(message, "malformed", str(error), attempts)
+            return
+        handler = self.handlers.get(envelope.type)
+        if handler is None:
+            self._dead_letter(message, "unhandled",
+                              f"{self.spec.name} has no handler for {envelope.type}", attempts)
+            return
+        try:
+            handler(event, envelope)
+        except PermanentError as error:
+            log.warning("%s: %s %s failed for good: %s", self.spec.name, envelope.type,
+                        envelope.id, error)
+            self._give_up(message, event, envelope, error, "permanent", attempts + 1)
+        except Exception as error:  # noqa: BLE001 - anything else is worth another try
+            attempts += 1
+            detail = "".join(traceback.format_exception_only(error)).strip()
+            if attempts >= self.settings.max_attempts:
+                log.error("%s: %s %s failed %d times: %s", self.spec.name, envelope.type,
+                          envelope.id, attempts, detail)
+                self._give_up(message, event, envelope, error, "attempts", attempts)
+            else:
+                log.warning("%s: %s %s attempt %d failed, retrying: %s", self.spec.name,
+                            envelope.type, envelope.id, attempts, detail)
+                self._retry(message, attempts, detail)
+        else:
+            message.ack()
+            self.handled += 1
+
+    def _give_up(self, message: Message, event: Event, envelope: Envelope,
+                 error: BaseException, reason: str, attempts: int) -> None:
+        if self.on_failure is not None:
+            # May raise: then the message is not acked and comes back (the hook is idempotent).
+            self.on_failure(event, envelope, error)
+        self._dead_letter(message, reason, f"{type(error).__name__}: {error}", attempts)
+
+    def _dead_letter(self, message: Message, reason: str, error: str, attempts: int) -> None:
+        headers = dict(message.headers or {})
+        headers.update({
+            REASON_HEADER: reason,
+            ERROR_HEADER: error[-4000:],
+            ATTEMPTS_HEADER: attempts,
+            QUEUE_HEADER: self.spec.name,
+            FAILED_AT_HEADER: time.time(),
+        })
+        self._publisher.publish(raw_body(message), exchange=DEAD_EXCHANGE,
+                                routing_key=self.spec.name, headers=headers,
+                                declare=[dead_queue(self.spec.name)],
+                                content_encoding="binary")
+        message.ack()
+
+    def _retry(self, message: Message, attempts: int, error: str) -> None:
+        delays = self.settings.retry_delays
+        delay = delays[min(attempts - 1, len(delays) - 1)]
+        headers = dict(message.headers or {})
+        headers.update({ATTEMPTS_HEADER: attempts, ERROR_HEADER: error[-4000:]})
+        if self._ttl:
+            queue = retry_queue(self.spec, delay)
+            self._publisher.publish(raw_body(message), exchange=DEFAULT_EXCHANGE,
+                                    routing_key=queue.name, headers=headers, declare=[queue])
+        else:
+            self._later(delay, raw_body(message), headers)
+        message.ack()
+
+    def _later(self, delay: float, body: bytes, headers: dict[str, Any]) -> None:
+        # memory:// has no TTL: time the retry here (the in-memory broker dies with us anyway).
+        def fire() -> None:
+            self._timers.discard(timer)
+            publisher = Publisher(self.settings.broker_url)
+            try:
+                publisher.publish(body, exchange=DEFAULT_EXCHANGE, routing_key=self.spec.name,
+                                  headers=headers)
+            finally:
+                publisher.close()
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        self._timers.add(timer)
+        timer.start()
+
+    def close(self) -> None:
+        self.should_stop = True
+        self._publisher.close()

@@ -1,0 +1,165 @@
+"""The `ferry` command: run services, manage dead letters, upgrade databases."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.dlq import list_dead, replay_dead
+from shared.settings import SERVICES, Settings
+from shared.topology import FIXED_QUEUES
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Ferry: move customers from the old site to the new one.")
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list and replay.")
+db_app = typer.Typer(no_args_is_help=True, help="Service databases.")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(db_app, name="db")
+console = Console()
+
+
+def _bootstrap(service: str, settings: Settings, **options: Any) -> Any:
+    module = importlib.import_module(f"services.{service}.bootstrap")
+    return module.bootstrap(settings, **options)
+
+
+def _check_service(service: str, allow_all: bool = False) -> None:
+    known = (*SERVICES, "all") if allow_all else SERVICES
+    if service not in known:
+        raise typer.BadParameter(f"unknown service {service!r}; choose one of {', '.join(known)}")
+
+
+@app.command()
+def run(
+    service: Annotated[str, typer.Argument(help="intake, resolver, snapshotter, archiver, "
+                                                "transfer, or all (one process)")],
+    datacenter: Annotated[list[str] | None, typer.Option(
+        "--datacenter", "-d", help="archiver: the datacenter whose queue to consume "
+                                   "(repeat with `all`)")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="job worker threads")] = None,
+) -> None:
+    """Run one service (or all of them in this process) until interrupted."""
+    _check_service(service, allow_all=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = Settings()
+    datacenters = list(datacenter or ([settings.datacenter] if settings.datacenter else []))
+    if service == "archiver" and len(datacenters) != 1:
+        raise typer.BadParameter("the archiver serves one datacenter: give --datacenter DC "
+                                 "(or FERRY_DATACENTER)")
+    names = list(SERVICES) if service == "all" else [service]
+    services = []
+    for name in names:
+        if name == "archiver":
+            services += [_bootstrap(name, settings, datacenter=dc, concurrency=concurrency)
+                         for dc in datacenters]
+        else:
+            services.append(_bootstrap(name, settings, concurrency=concurrency))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for svc in services:
+        svc.start()
+    console.print(f"[green]running[/] {', '.join(s.queue.name for s in services)} "
+                  f"on {settings.broker_url.split('@')[-1]}; Ctrl-C stops")
+    stop.wait()
+    for svc in services:
+        svc.stop()
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: Annotated[str | None, typer.Argument(help="a work queue (or its .dead queue); "
+                                                     "all fixed queues when omitted")] = None,
+    datacenter: Annotated[list[str] | None, typer.Option(
+        "--datacenter", "-d", help="also list archiver.<DC>")] = None,
+) -> None:
+    """Show dead letters (id, type, migration, error, attempts). Nothing is consumed."""
+    settings = Settings()
+    queues = [queue] if queue else [*FIXED_QUEUES, *(f"archiver.{dc}" for dc in datacenter or [])]
+    table = Table("queue", "id", "type", "migration", "reason", "attempts", "error")
+    count = 0
+    for name in queues:
+        for letter in list_dead(settings.broker_url, name):
+            count += 1
+            table.add_row(letter.queue, letter.id, letter.type, letter.migration_id,
+                          letter.reason, str(letter.attempts), letter.error[-300:])
+    console.print(table)
+    console.print(f"{count} dead letter(s)")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    queue: Annotated[str, typer.Argument(help="the work queue whose dead letters to replay")],
+    message_id: Annotated[list[str] | None, typer.Option("--id", help="an envelope id "
+                                                          "(repeatable)")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="replay every dead letter")] = False,
+) -> None:
+    """Put dead letters back on their work queue (their attempt count starts again)."""
+    if bool(message_id) == replay_all:
+        raise typer.BadParameter("give either --id ID (one or more) or --all")
+    settings = Settings()
+    wanted = None if replay_all else set(message_id or [])
+    replayed = replay_dead(settings.broker_url, queue, wanted)
+    for letter in replayed:
+        console.print(f"replayed {letter.id} ({letter.type}) onto {letter.queue}")
+    missing = (wanted or set()) - {letter.id for letter in replayed}
+    if missing:
+        console.print(f"[red]not found in {queue}.dead:[/] {', '.join(sorted(missing))}")
+        raise typer.Exit(1)
+    console.print(f"{len(replayed)} replayed")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    service: Annotated[str | None, typer.Argument(help="one service; all when omitted")] = None,
+) -> None:
+    """Bring each service's database to its newest schema."""
+    from shared.db import make_engine, upgrade
+
+    settings = Settings()
+    for name in [service] if service else SERVICES:
+        _check_service(name)
+        engine = make_engine(settings.database_url(name))
+        upgrade(engine, name)
+        engine.dispose()
+        console.print(f"{name}: up to date")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ferry` console script; returns the exit status."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except typer.Exit as done:
+        return int(done.exit_code)
+    except typer.Abort:
+        return 130
+    except Exception as error:  # noqa: BLE001 - one clear line for ops, not a traceback
+        from click.exceptions import ClickException
+
+        if isinstance(error, ClickException):
+            error.show()
+            return int(error.exit_code)
+        console.print(f"[red]ferry: {type(error).__name__}: {error}[/]")
+        return 1
+    return 0
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="where to put state and results "
+                                                      "(default: a new temp dir)")] = None,
+) -> None:
+    """Run the example migration on the embedded default (one process, memory broker, SQLite)."""
+    from shared.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    raise typer.Exit(run_demo(workdir, console))

@@ -1,0 +1,57 @@
+"""Ferry's error tree: one root, two branches that decide what the bus does with a message."""
+
+from __future__ import annotations
+
+
+class FerryError(Exception):
+    """Root of every error Ferry raises on purpose."""
+
+
+class TransientError(FerryError):
+    """Worth retrying later: a host or broker unreachable, a lock timeout, a lost connection."""
+
+
+class PermanentError(FerryError):
+    """Retrying cannot help: bad input, a missing entity, a refused host key. Dead-letter."""
+
+
+class ConfigurationError(PermanentError):
+    """A setting is missing or wrong."""
+
+
+class MalformedMessageError(PermanentError):
+    """A message body is not JSON, not an envelope, or its payload fails its schema."""
+
+
+class LeaseLostError(FerryError):
+    """Another worker took over a job whose lease expired: stop working on it, write nothing."""
+
+
+class CommandError(FerryError):
+    """A command on a host exited non-zero. Carries the argv, exit status and stderr's tail."""
+
+    def __init__(self, host: str, argv: list[str], exited: int, stderr_tail: str) -> None:
+        self.host = host
+        self.argv = list(argv)
+        self.exited = exited
+        self.stderr_tail = stderr_tail
+        command = " ".join(argv)
+        super().__init__(
+            f"{host}: command exited {exited}: {command}: {stderr_tail.strip()[-500:]}"
+        )
+
+
+class UnexpectedExit(CommandError, PermanentError):
+    """A command's exit status says it failed; retrying the same command will not help."""
+
+
+class CommandTimedOut(TransientError):
+    """A command ran past its timeout and was stopped."""
+
+
+class HostUnreachableError(TransientError):
+    """A host could not be reached (connection refused, timed out, reset)."""
+
+
+class HostKeyError(PermanentError):
+    """A host's key is unknown or changed: refused, never auto-added."""

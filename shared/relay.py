@@ -1,0 +1,91 @@
+"""The outbox relay: publishes committed outbox rows with publisher confirms, in order.
+
+A row is marked published only after the broker confirmed it, so a crash at any point
+republishes at most a few rows on restart; consumers' inboxes make that harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import Engine, select, update
+
+from shared.bus import Publisher
+from shared.db import is_postgres
+from shared.inbox_outbox import outbox_table
+
+log = logging.getLogger(__name__)
+
+
+class OutboxRelay:
+    def __init__(self, engine: Engine, broker_url: str, *, poll_seconds: float = 0.5,
+                 batch: int = 200, name: str = "relay") -> None:
+        self._engine = engine
+        self._broker_url = broker_url
+        self._poll = poll_seconds
+        self._batch = batch
+        self._name = name
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0
+
+    def wake(self) -> None:
+        """Publish soon: called after a transaction that added outbox rows committed."""
+        self._wake.set()
+
+    def publish_pending(self, publisher: Publisher) -> int:
+        """Publish one batch of unpublished rows; returns how many. Raises on broker errors."""
+        t = outbox_table
+        query = (
+            select(t.c.seq, t.c.routing_key, t.c.body)
+            .where(t.c.published_at.is_(None))
+            .order_by(t.c.seq)
+            .limit(self._batch)
+        )
+        if is_postgres(self._engine):
+            # Several processes of one service may share the database: each row once.
+            query = query.with_for_update(skip_locked=True)
+        with self._engine.begin() as connection:
+            rows = connection.execute(query).all()
+            for row in rows:
+                publisher.publish(row.body.encode(), routing_key=row.routing_key)
+            if rows:
+                connection.execute(
+                    update(t).where(t.c.seq.in_([r.seq for r in rows]))
+                    .values(published_at=time.time())
+                )
+        self.published += len(rows)
+        return len(rows)
+
+    def run(self) -> None:
+        publisher: Publisher | None = None
+        while not self._stop.is_set():
+            try:
+                if publisher is None:
+                    publisher = Publisher(self._broker_url)
+                while self.publish_pending(publisher) and not self._stop.is_set():
+                    pass
+            except Exception as error:  # noqa: BLE001 - keep relaying; rows stay unpublished
+                log.warning("%s: outbox relay failed, will retry: %s", self._name, error)
+                if publisher is not None:
+                    publisher.close()
+                publisher = None
+                self._stop.wait(min(5.0, self._poll * 4))
+                continue
+            self._wake.wait(self._poll)
+            self._wake.clear()
+        if publisher is not None:
+            publisher.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"{self._name}-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

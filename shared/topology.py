@@ -1,0 +1,106 @@
+"""Every exchange and queue Ferry declares, in one place.
+
+- `ferry.events` (topic): every event, routing key = type (+ `.<datacenter>`).
+- each service's work queue: a quorum queue with an explicit delivery limit, dead-lettered
+  through `ferry.dead` into `<queue>.dead` (the broker's guard for a message that kills its
+  consumer before it can answer);
+- `<queue>.retry.<ms>ms`: one TTL queue per delay tier. Every message in it has the same
+  TTL, so expiry at the head (all RabbitMQ 3.10 does) is exact; it dead-letters back into
+  the work queue through the default exchange.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kombu import Exchange, Queue, binding
+
+EVENTS_EXCHANGE = Exchange("ferry.events", type="topic", durable=True)
+DEAD_EXCHANGE = Exchange("ferry.dead", type="direct", durable=True)
+DEFAULT_EXCHANGE = Exchange("", type="direct")
+
+ATTEMPTS_HEADER = "x-ferry-attempts"
+ERROR_HEADER = "x-ferry-error"
+REASON_HEADER = "x-ferry-reason"
+QUEUE_HEADER = "x-ferry-queue"
+FAILED_AT_HEADER = "x-ferry-failed-at"
+
+FIXED_QUEUES = ("intake.status", "resolver", "snapshotter", "transfer")
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A service's work queue and the routing keys it is bound with."""
+
+    name: str
+    routing_keys: tuple[str, ...]
+
+    @property
+    def dead_name(self) -> str:
+        return f"{self.name}.dead"
+
+    def retry_name(self, delay: float) -> str:
+        return f"{self.name}.retry.{int(delay * 1000)}ms"
+
+
+def queue_name(service: str, datacenter: str | None = None) -> str:
+    """`archiver.<dc>` for the archiver, `intake.status` for intake, else the service name.
+
+    Raises ValueError when the archiver is named without a datacenter.
+    """
+    if service == "archiver":
+        if not datacenter:
+            raise ValueError("the archiver's queue needs a datacenter (--datacenter DC)")
+        return f"archiver.{datacenter}"
+    if service == "intake":
+        return "intake.status"
+    return service
+
+
+def work_queue(spec: QueueSpec, delivery_limit: int) -> Queue:
+    return Queue(
+        spec.name,
+        exchange=EVENTS_EXCHANGE,
+        bindings=[binding(EVENTS_EXCHANGE, routing_key=key) for key in spec.routing_keys],
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": DEAD_EXCHANGE.name,
+            "x-dead-letter-routing-key": spec.name,
+        },
+    )
+
+
+def dead_queue(name: str) -> Queue:
+    """`<name>.dead`, bound to `ferry.dead` with the work queue's name."""
+    return Queue(
+        f"{name}.dead",
+        exchange=DEAD_EXCHANGE,
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def retry_queue(spec: QueueSpec, delay: float) -> Queue:
+    return Queue(
+        spec.retry_name(delay),
+        exchange=DEFAULT_EXCHANGE,
+        routing_key=spec.retry_name(delay),
+        durable=True,
+        queue_arguments={
+            "x-message-ttl": int(delay * 1000),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": spec.name,
+        },
+    )
+
+
+def all_queues(spec: QueueSpec, delivery_limit: int, delays: Iterable[float]) -> list[Queue]:
+    return [
+        work_queue(spec, delivery_limit),
+        dead_queue(spec.name),
+        *(retry_queue(spec, delay) for delay in sorted(set(delays))),
+    ]

@@ -1,0 +1,83 @@
+"""Fixtures for the real services this machine runs: RabbitMQ, PostgreSQL (and MariaDB).
+
+A missing service fails the test that needs it; nothing here skips.
+Each test gets its own RabbitMQ vhost and its own PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import create_engine, text
+
+RABBIT_HOST = os.environ.get("FERRY_TEST_RABBIT", "guest:guest@127.0.0.1:5672")
+PG_ADMIN_URL = os.environ.get("FERRY_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+@pytest.fixture
+def rabbit_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost on the real broker, deleted afterwards."""
+    vhost = f"ferry-test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://{RABBIT_HOST}/{vhost}"
+    rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def make_pg_database() -> Iterator[Callable[[], str]]:
+    """Creates fresh PostgreSQL databases on demand; drops them afterwards."""
+    admin = create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"ferry_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return f"{PG_ADMIN_URL}/{name}"
+
+    yield make
+    with admin.connect() as connection:
+        for name in created:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url(make_pg_database: Callable[[], str]) -> str:
+    return make_pg_database()
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A broker and a database to run a service on: embedded or real."""
+
+    name: str
+    broker_url: str
+    db_url: str
+
+    @property
+    def real(self) -> bool:
+        return self.broker_url.startswith("amqp")
+
+
+@pytest.fixture(params=["embedded", "rabbitmq+postgres"])
+def backbone(request: pytest.FixtureRequest, tmp_path: object) -> Backbone:
+    if request.param == "embedded":
+        return Backbone("embedded", "memory://", f"sqlite:///{tmp_path}/echo.sqlite3")
+    broker = request.getfixturevalue("rabbit_url")
+    database = request.getfixturevalue("pg_url")
+    return Backbone(request.param, broker, database)
