@@ -134,6 +134,21 @@ def db_upgrade(
         console.print(f"{name}: up to date")
 
 
+def _register_service_commands() -> None:
+    """Services may add commands: `services/<name>/commands.py` with `register(app)`."""
+    for name in SERVICES:
+        try:
+            module = importlib.import_module(f"services.{name}.commands")
+        except ModuleNotFoundError as error:
+            if error.name != f"services.{name}.commands":
+                raise
+            continue
+        module.register(app)
+
+
+_register_service_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ferry` console script; returns the exit status."""
     try:
@@ -162,4 +177,5 @@ def demo(
     from shared.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     raise typer.Exit(run_demo(workdir, console))

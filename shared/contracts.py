@@ -70,7 +70,11 @@ class PlannedJob(BaseModel):
 
 
 class MigrationResolved(Event):
+    """`jobs` lists every archive the migration needs (local_fs ones included): their
+    request ids are the ones the later snapshot.* / archive.* events carry."""
+
     TYPE: ClassVar[str] = "migration.resolved"
+    customer_id: str
     allocations: dict[str, Any]
     resolved_document: dict[str, Any]
     jobs: tuple[PlannedJob, ...]
@@ -95,12 +99,16 @@ class SnapshotRequested(Event):
 
 
 class SnapshotReady(_DatacenterEvent):
+    """The snapshot is exported (nbd on the Xen host's 127.0.0.1:port), or, with driver
+    `none`, the source is to be archived as it is (`source.path` / `source.device`)."""
+
     TYPE: ClassVar[str] = "snapshot.ready"
     request_id: str
     snapshot_id: str
+    driver: SnapshotDriver
     host: str
-    export_name: str
-    port: int = Field(ge=1, le=65535)
+    export_name: str = ""
+    port: int | None = Field(default=None, ge=1, le=65535)
     size_bytes: int = Field(ge=0)
     reuse_key: str
     source: ArchiveSource
@@ -156,6 +164,7 @@ class ArchiveFailed(_DatacenterEvent):
     host: str = ""
     command: str = ""
     stderr_tail: str = ""
+    will_retry: bool = False  # e.g. a snapshot whose COW filled up is retried with a larger one
 
 
 class TransferCompleted(Event):

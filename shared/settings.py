@@ -37,6 +37,18 @@ class Settings(BaseSettings):
     datacenter: str | None = None
     concurrency: int = Field(default=2, ge=1)
 
+    # Hosts on the old site are reached over SSH with one key and a strict known_hosts file.
+    ssh_user: str = "root"
+    ssh_key_path: Path | None = None
+    ssh_known_hosts_path: Path | None = None
+    ssh_connect_timeout: float = Field(default=10.0, gt=0)
+    command_timeout: float | None = Field(default=None, gt=0)
+
+    inventory: str | None = None  # a YAML/JSON file, or an http(s) URL of the old site's API
+    staging_dir: Path = Path(".ferry/staging")
+    compression: str = Field(default="zstd", pattern=r"^(zstd|gzip)$")
+    destination: str | None = None  # user@host:/path, or a local path
+
     @field_validator("retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: object) -> object:
