@@ -152,7 +152,8 @@ _register_service_commands()
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ferry` console script; returns the exit status."""
     try:
-        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        # Without standalone mode, click returns a command's typer.Exit code instead of exiting.
+        code = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
     except typer.Exit as done:
         return int(done.exit_code)
     except typer.Abort:
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(error.exit_code)
         console.print(f"[red]ferry: {type(error).__name__}: {error}[/]")
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 @app.command()
