@@ -10,18 +10,20 @@ import logging
 import threading
 import time
 
+from kombu import Queue
 from sqlalchemy import Engine, select, update
 
 from shared.bus import Publisher
 from shared.db import is_postgres
 from shared.inbox_outbox import outbox_table
+from shared.topology import dead_queue, standing_queue, work_queue
 
 log = logging.getLogger(__name__)
 
 
 class OutboxRelay:
     def __init__(self, engine: Engine, broker_url: str, *, poll_seconds: float = 0.5,
-                 batch: int = 200, name: str = "relay") -> None:
+                 batch: int = 200, name: str = "relay", delivery_limit: int = 10) -> None:
         self._engine = engine
         self._broker_url = broker_url
         self._poll = poll_seconds
@@ -31,6 +33,8 @@ class OutboxRelay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.published = 0
+        self._delivery_limit = delivery_limit
+        self._standing: set[str] = set()
 
     def wake(self) -> None:
         """Publish soon: called after a transaction that added outbox rows committed."""
@@ -51,7 +55,8 @@ class OutboxRelay:
         with self._engine.begin() as connection:
             rows = connection.execute(query).all()
             for row in rows:
-                publisher.publish(row.body.encode(), routing_key=row.routing_key)
+                publisher.publish(row.body.encode(), routing_key=row.routing_key,
+                                  declare=self._standing_queues(row.routing_key))
             if rows:
                 connection.execute(
                     update(t).where(t.c.seq.in_([r.seq for r in rows]))
@@ -59,6 +64,15 @@ class OutboxRelay:
                 )
         self.published += len(rows)
         return len(rows)
+
+    def _standing_queues(self, routing_key: str) -> list[Queue]:
+        # An event for a datacenter whose workers never started would match no queue and be
+        # dropped by the exchange: declare that datacenter's queue first (once per process).
+        spec = standing_queue(routing_key)
+        if spec is None or spec.name in self._standing:
+            return []
+        self._standing.add(spec.name)
+        return [work_queue(spec, self._delivery_limit), dead_queue(spec.name)]
 
     def run(self) -> None:
         publisher: Publisher | None = None

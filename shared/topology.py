@@ -58,6 +58,22 @@ def queue_name(service: str, datacenter: str | None = None) -> str:
     return service
 
 
+# Events whose consumer queue exists per datacenter: a datacenter whose archivers have not
+# started yet must still keep them, so publishers declare that queue too (see standing_queue).
+DATACENTER_QUEUES = {"archive.requested": "archiver", "snapshot.ready": "archiver"}
+
+
+def standing_queue(routing_key: str) -> QueueSpec | None:
+    """The per-datacenter work queue that must exist before `routing_key` is published."""
+    event_type, _, datacenter = routing_key.rpartition(".")
+    service = DATACENTER_QUEUES.get(event_type)
+    if service is None or not datacenter:
+        return None
+    return QueueSpec(queue_name(service, datacenter),
+                     tuple(f"{t}.{datacenter}" for t, s in DATACENTER_QUEUES.items()
+                           if s == service))
+
+
 def work_queue(spec: QueueSpec, delivery_limit: int) -> Queue:
     return Queue(
         spec.name,

@@ -199,3 +199,26 @@ def test_transient_error_is_retried_with_delay_then_succeeds(running: Service) -
     # Then a later attempt succeeds: one effect, nothing dead
     wait_for(lambda: count(running, echo.effects) == 1, what="retried success")
     assert list_dead(broker, running.queue.name) == []
+
+
+def test_event_for_a_datacenter_without_workers_waits_in_its_queue(running: Service) -> None:
+    from shared.contracts import ArchiveRequested, ArchiveSource
+
+    broker = running.settings.broker_url
+    datacenter = f"dc{uuid.uuid4().hex[:6]}"
+    # Given no archiver for this datacenter ever started
+    event = ArchiveRequested(datacenter=datacenter, request_id="r-1", kind="shared_fs",
+                             reuse_key="k", source=ArchiveSource(host="local", path="/data"))
+    # When a service publishes an archive request for it through its outbox
+    with running.uow() as uow:
+        uow.outbox.add(event, migration_id="m-1")
+        uow.commit()
+    # Then the request waits in that datacenter's queue instead of being dropped
+    wait_for(lambda: count(running, outbox_table, outbox_table.c.published_at.is_not(None)) == 1,
+             what="request published")
+    with connect(broker) as connection:
+        channel = connection.channel()
+        queue = Queue(f"archiver.{datacenter}", no_declare=True)(channel)
+        message = wait_for(lambda: queue.get(no_ack=False), what="request in archiver queue")
+        assert json.loads(message.body)["payload"]["request_id"] == "r-1"  # type: ignore[attr-defined]
+        channel.close()
