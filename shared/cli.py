@@ -171,12 +171,21 @@ def main(argv: list[str] | None = None) -> int:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option(help="where to put state and results "
-                                                      "(default: a new temp dir)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="where the sample site, state, staging "
+                                                      "and destination go (default: a new "
+                                                      "temp dir)")] = None,
+    size: Annotated[str, typer.Option(help="small (~150 MB, 7 archives) or medium "
+                                           "(>2 GiB, 23 archives)")] = "small",
 ) -> None:
-    """Run the example migration on the embedded default (one process, memory broker, SQLite)."""
+    """Run a whole migration of sample data on the embedded default (one process, memory
+    broker, SQLite, local executor); exit 0 only when every archive arrived verified."""
+    import os
+
     from shared.demo import run_demo
 
+    if size not in {"small", "medium"}:
+        raise typer.BadParameter("--size is small or medium")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
-    raise typer.Exit(run_demo(workdir, console))
+    mysql_url = os.environ.get("FERRY_DEMO_MYSQL_URL", "127.0.0.1:3306")
+    raise typer.Exit(run_demo(workdir, console, size=size, mysql_url=mysql_url))

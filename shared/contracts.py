@@ -115,11 +115,27 @@ class SnapshotReady(_DatacenterEvent):
 
 
 class SnapshotReleased(Event):
+    """The snapshot is gone from the host. `invalidated`: its COW filled up, so an archive
+    reading it fails (archive.failed with will_retry=True) and the snapshotter re-requests
+    the same snapshot job with a larger COW: a snapshot.ready with a new snapshot_id follows."""
+
     TYPE: ClassVar[str] = "snapshot.released"
     request_id: str
     snapshot_id: str
     host: str
     reason: str = ""
+    invalidated: bool = False
+
+
+class SnapshotFailed(Event):
+    """No snapshot could be made (bad origin, host refused, COW still too small after the
+    last attempt): the request's local_fs archive will not happen."""
+
+    TYPE: ClassVar[str] = "snapshot.failed"
+    request_id: str
+    datacenter: str
+    host: str
+    reason: str
 
 
 class ArchiveRequested(_DatacenterEvent):
@@ -137,6 +153,7 @@ class ArchiveProgress(_DatacenterEvent):
     bytes_done: int = Field(ge=0)
     bytes_total: int | None = Field(default=None, ge=0)
     mb_per_s: float | None = None
+    eta_s: float | None = Field(default=None, ge=0)  # seconds left, when the stage knows
 
 
 class ArchiveCompleted(_DatacenterEvent):
@@ -154,6 +171,8 @@ class ArchiveCompleted(_DatacenterEvent):
     finished_at: datetime
     warnings: tuple[str, ...] = ()
     reused: bool = False
+    # local_fs: the snapshot.ready's snapshot_id it read, so the snapshotter tells attempts apart
+    snapshot_id: str = ""
 
 
 class ArchiveFailed(_DatacenterEvent):
@@ -165,6 +184,7 @@ class ArchiveFailed(_DatacenterEvent):
     command: str = ""
     stderr_tail: str = ""
     will_retry: bool = False  # e.g. a snapshot whose COW filled up is retried with a larger one
+    snapshot_id: str = ""  # local_fs: the snapshot.ready it read (see ArchiveCompleted)
 
 
 class TransferCompleted(Event):

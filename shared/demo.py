@@ -1,74 +1,177 @@
-"""`ferry demo`: every service in this process on the embedded default, on the example.
+"""`ferry demo`: a whole migration of sample data on the embedded default.
 
-It runs as far as the pipeline is built: services that have no handlers yet simply hold
-their queues. Later steps (sample site, archives, transfers, statistics) extend it.
+Every service runs in this process (memory broker, one SQLite file per service, hosts
+reached by the local executor); the document goes in through intake's real HTTP endpoint;
+the archives end up verified under DIR/destination/<migration>/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import secrets
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
-from sqlalchemy import select
 
+from shared.demo_site import DATACENTER, DemoSite, build_site
 from shared.settings import SERVICES, Settings
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FINAL = {"failed", "completed"}
 
 
-def run_demo(workdir: Path | None, console: Console, wait_seconds: float = 10.0) -> int:
-    """Run the example migration; returns the exit status (0 when nothing failed)."""
-    from shared.document import validate_document
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="ferry-demo-"))
+
+def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None) -> Settings:
+    from urllib.parse import urlparse
+
+    db = urlparse(mysql_url if mysql_url and "://" in mysql_url else f"mysql://{mysql_url}")
+    return Settings(
+        broker_url="memory://", state_dir=workdir / "state", staging_dir=workdir / "staging",
+        destination=str(workdir / "destination"), inventory=str(site.inventory_path),
+        intake_bind=f"127.0.0.1:{_free_port()}", api_token=secrets.token_urlsafe(24),
+        source_db_host=db.hostname or "127.0.0.1", source_db_port=db.port or 3306,
+        source_db_user=db.username or "root", source_nice=False,
+        outbox_poll_seconds=0.05, job_poll_seconds=0.2, lease_seconds=30,
+        retry_delays=(0.5, 2.0, 5.0), transfer_backoff_seconds=1.0,
+        archive_progress_seconds=1.0, transfer_progress_seconds=1.0,
+        datacenter=DATACENTER,
+    )
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def progress_table(status: dict[str, Any]) -> Table:
+    table = Table(title=f"migration {status['id']}: {status['status']}", expand=False)
+    for column in ("kind", "source", "state", "done", "of", "MB/s"):
+        table.add_column(column)
+    for job in status.get("jobs", []):
+        rate = job.get("mb_per_s")
+        table.add_row(job.get("kind") or "?", job.get("label") or job["request_id"],
+                      job["state"], _bytes(job.get("bytes_done")), _bytes(job.get("bytes_total")),
+                      f"{rate:.1f}" if rate else "")
+    return table
+
+
+def allocations_table(allocations: dict[str, Any]) -> Table:
+    table = Table("entity", "duid", "allocated", title="allocations")
+    for duid, vm in sorted(allocations.get("vms", {}).items(), key=lambda kv: kv[1]["name"]):
+        table.add_row("vm", duid, f"{vm['name']}  {vm.get('internal_ip', '')}")
+    for duid, name in sorted(allocations.get("environments", {}).items()):
+        table.add_row("environment", duid, str(name))
+    for duid, ip in sorted(allocations.get("public_ips", {}).items()):
+        table.add_row("public ip", duid, str(ip))
+    vlan = allocations.get("vlan") or {}
+    table.add_row("vlan", "", f"{vlan.get('id')}  {vlan.get('subnet')}")
+    return table
+
+
+def verify_destination(destination: Path, status: dict[str, Any], console: Console) -> bool:
+    """Every job's archive is at the destination with its recorded sha256."""
+    table = Table("file", "size", "sha256", "verified", title=f"archives in {destination}")
+    ok = True
+    seen: set[str] = set()
+    for job in status["jobs"]:
+        archive = job.get("archive") or {}
+        name = archive.get("file_name") or Path(str(archive.get("path", "?"))).name
+        if name in seen:
+            continue
+        seen.add(name)
+        path = destination / name
+        digest = _sha256(path) if path.is_file() else None
+        good = digest is not None and digest == archive.get("sha256")
+        ok &= good
+        table.add_row(name, _bytes(path.stat().st_size) if path.is_file() else "missing",
+                      (digest or "")[:16], "[green]yes[/]" if good else "[red]NO[/]")
+    console.print(table)
+    return ok and bool(seen)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
+             mysql_url: str | None = "127.0.0.1:3306", timeout: float = 1800.0) -> int:
+    """Build the sample site, run the migration, report. Returns the exit status: 0 only
+    when every archive was transferred and verified."""
+    started = time.monotonic()
+    workdir = (workdir or Path(tempfile.mkdtemp(prefix="ferry-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"workdir: {workdir}")
-    settings = Settings(broker_url="memory://", state_dir=workdir / "state",
-                        outbox_poll_seconds=0.1)
-    services: list[Any] = []
-    for name in SERVICES:
-        bootstrap = importlib.import_module(f"services.{name}.bootstrap").bootstrap
-        services.append(bootstrap(settings, datacenter="ey04"))
+    with console.status("building the sample old site…"):
+        site, why_no_db = build_site(workdir, size, mysql_url)
+    if why_no_db:
+        console.print(f"[yellow]database left out: {why_no_db}[/]")
+    settings = demo_settings(workdir, site, mysql_url)
+    services = [importlib.import_module(f"services.{name}.bootstrap").bootstrap(
+        settings, datacenter=DATACENTER) for name in SERVICES]
     for service in services:
         service.start()
+    base = f"http://{settings.intake_bind}"
+    headers = {"Authorization": f"Bearer {settings.api_token}"}
     try:
-        body = (EXAMPLES / "migration.json").read_bytes()
-        import json
-
-        document = validate_document(json.loads(body))
-        intake = services[0]
-        submissions = importlib.import_module("services.intake.submissions")
-        migration_id = submissions.accept_document(body, document, uow=intake.uow())
-        console.print(f"submitted {migration_id} for customer {document.customer.id}")
-        tables = importlib.import_module("services.intake.tables")
-        deadline = time.monotonic() + wait_seconds
-        events: list[Any] = []
-        while time.monotonic() < deadline:
-            with intake.engine.connect() as connection:
-                events = connection.execute(
-                    select(tables.migration_events.c.type, tables.migration_events.c.occurred_at)
-                    .where(tables.migration_events.c.migration_id == migration_id)
-                    .order_by(tables.migration_events.c.occurred_at)).all()
-                status = connection.execute(
-                    select(tables.migrations.c.status)
-                    .where(tables.migrations.c.id == migration_id)).scalar_one()
-            if status in FINAL or (events and time.monotonic() > deadline - wait_seconds + 2):
-                break
-            time.sleep(0.2)
-        table = Table("event", "at", title=f"migration {migration_id}: {status}")
-        for event in events:
-            table.add_row(event.type, time.strftime("%H:%M:%S", time.gmtime(event.occurred_at)))
-        console.print(table)
-        if not events:
-            console.print("[red]intake recorded no event: the backbone did not deliver[/]")
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            document = (workdir / "migration.json").read_bytes()
+            response = client.post("/migrations", content=document,
+                                   headers={"Content-Type": "application/json"})
+            if response.status_code != 202:
+                console.print(f"[red]intake refused the document: {response.status_code} "
+                              f"{response.text}[/]")
+                return 1
+            migration_id = response.json()["id"]
+            console.print(f"submitted {migration_id} through {base}/migrations")
+            status = _follow(client, migration_id, console, timeout)
+            stats = client.get(f"/migrations/{migration_id}/stats").json()
+        if status.get("allocations"):
+            console.print(allocations_table(status["allocations"]))
+        render = importlib.import_module("services.intake.stats").render_stats
+        console.print(render(stats, wall_seconds=time.monotonic() - started))
+        if status["status"] != "completed":
+            console.print(f"[red]migration {status['status']}: {status.get('reason')}[/]")
             return 1
-        return 1 if status == "failed" else 0
+        verified = verify_destination(Path(settings.destination or "") / migration_id, status,
+                                      console)
+        console.print(f"total wall time {time.monotonic() - started:.1f}s")
+        return 0 if verified else 1
     finally:
-        for service in services:
+        for service in reversed(services):
             service.stop()
+
+
+def _follow(client: httpx.Client, migration_id: str, console: Console,
+            timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {"id": migration_id, "status": "submitted", "jobs": []}
+    with Live(progress_table(status), console=console, refresh_per_second=4) as live:
+        while time.monotonic() < deadline:
+            status = client.get(f"/migrations/{migration_id}").json()
+            live.update(progress_table(status))
+            if status["status"] in FINAL:
+                return status
+            time.sleep(0.25)
+    status["status"] = "timed out"
+    return status

@@ -45,9 +45,64 @@ class Settings(BaseSettings):
     command_timeout: float | None = Field(default=None, gt=0)
 
     inventory: str | None = None  # a YAML/JSON file, or an http(s) URL of the old site's API
+    inventory_timeout: float = Field(default=10.0, gt=0)  # seconds per inventory HTTP request
+    inventory_token: str | None = None  # sent as `Authorization: Bearer` to an HTTP inventory
+
+    # The new site's entities (resolver). Names: <site>-s<5 digits> for VMs, <site>-e<5 digits>
+    # for environments, numbered from the first numbers, never reused.
+    site: str = Field(default="tm21", pattern=r"^[a-z][a-z0-9]{0,15}$")
+    vm_first_number: int = Field(default=101, ge=0, le=99999)
+    env_first_number: int = Field(default=50, ge=0, le=99999)
+    # Comma-separated CIDRs, single addresses and a-b ranges.
+    public_ip_pool: str = "198.51.100.0/24"
+    # Comma-separated VLAN ids and a-b ranges; VLAN n gets subnet n of internal_network.
+    vlan_range: str = "100-4000"
+    internal_network: str = "10.128.0.0/12"
+    internal_subnet_prefix: int = Field(default=24, ge=16, le=29)
     staging_dir: Path = Path(".ferry/staging")
     compression: str = Field(default="zstd", pattern=r"^(zstd|gzip)$")
     destination: str | None = None  # user@host:/path, or a local path
+    # Transfer to the new site (services/transfer): rsync over ssh, retried and resumed.
+    # `destination` also takes user@host:port:/path; unset, it is <state_dir>/destination.
+    destination_ssh_key_path: Path | None = None  # default: ssh_key_path
+    destination_known_hosts_path: Path | None = None  # default: ssh_known_hosts_path
+    transfer_bwlimit_kbps: int | None = Field(default=None, ge=1)  # rsync --bwlimit, KiB/s
+    transfer_max_parallel: int = Field(default=2, ge=1)  # running transfers per destination
+    transfer_timeout_seconds: int = Field(default=300, ge=1)  # rsync --timeout: stalled I/O
+    transfer_attempts: int = Field(default=8, ge=1)
+    transfer_backoff_seconds: float = Field(default=5.0, gt=0)  # doubles per attempt, jittered
+    transfer_backoff_max_seconds: float = Field(default=900.0, gt=0)
+    transfer_progress_seconds: float = Field(default=5.0, gt=0)  # between archive.progress
+
+    # Archiver: source commands run under `nice -n 19 ionice -c3` unless FERRY_SOURCE_NICE=false
+    # (the customer's VM or replica is live); compression runs on the archiver host.
+    source_nice: bool = True
+    zstd_level: int = Field(default=3, ge=1, le=19)
+    gzip_level: int = Field(default=2, ge=0, le=3)  # ISA-L levels; 2 is its speed/size sweet spot
+    compression_threads: int = Field(default=0, ge=0)  # 0: every core of the archiver host
+    archive_progress_seconds: float = Field(default=5.0, gt=0)
+    # How mysqldump / pg_dump on the replica connect (None: the client's defaults there).
+    source_db_user: str | None = None
+    source_db_host: str | None = None
+    source_db_port: int | None = Field(default=None, ge=1, le=65535)
+    source_db_defaults_file: str | None = None  # mysql --defaults-extra-file on the source host
+
+    # Intake's HTTP API: where `ferry run intake` listens, and the bearer token it demands
+    # (none set: no token asked, except that `ferry run all` generates one).
+    intake_bind: str = Field(default="127.0.0.1:8080", pattern=r"^\S+:[0-9]{1,5}$")
+    api_token: str | None = None
+
+    # Snapshotter: COW size = share of the origin (doubled on each retry after a COW filled
+    # up), from an LV in snapshot_cow_vg when set, else a loop-mounted file in snapshot_cow_dir
+    # on the Xen host. At most snapshots_per_host at a time on one Xen host.
+    snapshot_cow_share: float = Field(default=0.2, gt=0, le=1)
+    snapshot_cow_vg: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+][A-Za-z0-9_.+-]*$")
+    snapshot_cow_dir: str = Field(default="/var/lib/ferry/cow", pattern=r"^/[A-Za-z0-9_./-]*$")
+    snapshot_cow_attempts: int = Field(default=3, ge=1)  # COW-full retries before failing
+    snapshots_per_host: int = Field(default=1, ge=1)
+    snapshot_watch_seconds: float = Field(default=5.0, gt=0)  # COW usage poll while active
+    snapshot_slot_wait_seconds: float = Field(default=5.0, gt=0)  # re-check a full host after
+    reconcile_seconds: float = Field(default=180.0, gt=0)
 
     @field_validator("retry_delays", mode="before")
     @classmethod

@@ -1,0 +1,241 @@
+"""The old site's inventory ("internal API"): one interface, a file adapter and an HTTP one.
+
+`FERRY_INVENTORY` chooses: an http(s) URL → `HttpInventory` (services.resolver.inventory_http),
+anything else → a YAML or JSON file. Both answer with the same models; the schema is
+documented in docs/inventory-api.md and shown in examples/inventory.yaml. Lookups raise
+UnknownEntityError (permanent: the migration fails naming the entity) or TransientError
+(the inventory could not be reached: retried).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from shared.addresses import parse_address
+from shared.document import HostName, Mountpoint
+from shared.errors import ConfigurationError, PermanentError
+from shared.settings import Settings
+
+
+def _check_address(value: str) -> str:
+    if value != "local":
+        try:
+            parse_address(value)
+        except ConfigurationError as error:
+            raise ValueError(str(error)) from None
+    return value
+
+
+Address = Annotated[str, AfterValidator(_check_address)]  # "local" or [user@]host[:port]
+DatacenterName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+Bytes = Annotated[int, Field(ge=0)]
+
+
+class InventoryModel(BaseModel):
+    # A misspelt field in an inventory would silently fall back to a default: refuse it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Datacenter(InventoryModel):
+    archive_hosts: tuple[str, ...] = ()
+
+
+class XenHost(InventoryModel):
+    datacenter: DatacenterName
+    address: Address
+
+
+class LocalFilesystem(InventoryModel):
+    mountpoint: Mountpoint
+    device: Mountpoint  # the LV / block device on the Xen host: an absolute path
+    fs_type: str = Field(pattern=r"^[a-z0-9]{1,16}$")
+    used_bytes: Bytes
+    size_bytes: Bytes | None = None  # the device's size (the snapshot's COW is sized from it)
+    snapshot_driver: Literal["dm", "lvm", "none"] = "dm"
+    path: Mountpoint | None = None  # driver none: the directory on the VM to archive as is
+
+
+class Vm(InventoryModel):
+    datacenter: DatacenterName
+    xen_host: HostName
+    ssh: Address
+    filesystems: tuple[LocalFilesystem, ...] = ()
+
+
+class SharedFilesystem(InventoryModel):
+    mountpoint: Mountpoint
+    used_bytes: Bytes = 0
+    mounted_on: tuple[HostName, ...] = Field(min_length=1)
+    path: Mountpoint | None = None  # where the VMs see it, when not at the mountpoint
+
+
+class Environment(InventoryModel):
+    datacenter: DatacenterName
+    vms: tuple[HostName, ...] = ()
+    shared_filesystems: tuple[SharedFilesystem, ...] = ()
+
+
+class Database(InventoryModel):
+    size_bytes: Bytes = 0
+
+
+class DatabaseServer(InventoryModel):
+    datacenter: DatacenterName
+    role: Literal["master", "replica"]
+    engine: Literal["mysql", "postgresql"]
+    version: str = Field(default="", max_length=40)
+    ssh: Address
+    master: HostName | None = None  # replicas: their master
+    replicas: tuple[HostName, ...] = ()  # masters: their replicas
+    databases: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")], Database] = {}
+    data_dir: Mountpoint | None = None  # left out of a db_server_root archive
+    root: Mountpoint = "/"  # what a db_server_root archive takes
+    pause_replication: bool = False  # pause the replica's SQL thread while dumping
+
+
+class InventoryDocument(InventoryModel):
+    """A whole inventory, as the file adapter reads it."""
+
+    datacenters: dict[DatacenterName, Datacenter] = {}
+    xen_hosts: dict[HostName, XenHost] = {}
+    vms: dict[HostName, Vm] = {}
+    environments: dict[HostName, Environment] = {}
+    database_servers: dict[HostName, DatabaseServer] = {}
+
+
+# What each lookup is called in messages, and its collection (file keys and URL paths).
+KINDS: dict[type[InventoryModel], tuple[str, str, str]] = {
+    Datacenter: ("datacenter", "datacenters", "datacenters"),
+    XenHost: ("Xen host", "xen_hosts", "xen-hosts"),
+    Vm: ("old VM", "vms", "vms"),
+    Environment: ("old environment", "environments", "environments"),
+    DatabaseServer: ("database server", "database_servers", "database-servers"),
+}
+M = TypeVar("M", bound=InventoryModel)
+
+
+class UnknownEntityError(PermanentError):
+    """The inventory does not know a name the migration refers to."""
+
+
+class InventoryInvalidError(PermanentError):
+    """The inventory answered with something that breaks its schema."""
+
+
+def validation_summary(error: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for item in error.errors()[:limit]:
+        where = ".".join(str(p) for p in item["loc"]) or "(root)"
+        parts.append(f"{where}: {item['msg']}")
+    more = f"; and {error.error_count() - limit} more" if error.error_count() > limit else ""
+    return "; ".join(parts) + more
+
+
+class Inventory(Protocol):
+    def lookup(self, model: type[M], name: str) -> M:
+        """The entity `name` of `model`'s kind. Raises UnknownEntityError, TransientError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileInventory:
+    """A YAML or JSON file; re-read when it changes, so a fixed inventory needs no restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._document = self._load()
+
+    def _load(self) -> InventoryDocument:
+        try:
+            stat = os.stat(self.path)
+            text = self.path.read_text()
+        except OSError as error:
+            raise ConfigurationError(f"inventory {self.path}: {error.strerror}") from None
+        try:
+            data: Any = (json.loads(text) if self.path.suffix == ".json"
+                         else yaml.safe_load(text))
+            document = InventoryDocument.model_validate(data or {})
+        except (ValueError, yaml.YAMLError) as error:
+            detail = (validation_summary(error) if isinstance(error, ValidationError)
+                      else str(error).splitlines()[0])
+            raise ConfigurationError(f"inventory {self.path} is invalid: {detail}") from None
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        return document
+
+    def document(self) -> InventoryDocument:
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+            except OSError:
+                return self._document  # mid-replace: keep the last good one
+            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
+                self._document = self._load()
+            return self._document
+
+    def lookup(self, model: type[M], name: str) -> M:
+        what, collection, _ = KINDS[model]
+        entities: dict[str, Any] = getattr(self.document(), collection)
+        if name not in entities:
+            raise UnknownEntityError(f"{what} {name!r} is not in the inventory")
+        found: M = entities[name]
+        return found
+
+    def close(self) -> None:
+        pass
+
+
+def open_inventory(settings: Settings) -> Inventory:
+    """The adapter FERRY_INVENTORY names. Raises ConfigurationError when unset or unusable."""
+    where = settings.inventory
+    if not where:
+        raise ConfigurationError("FERRY_INVENTORY is not set: give the old site's inventory "
+                                 "as a YAML/JSON file or an http(s) URL")
+    if where.startswith(("http://", "https://")):
+        from services.resolver.inventory_http import HttpInventory
+
+        return HttpInventory(where, timeout=settings.inventory_timeout,
+                             token=settings.inventory_token)
+    return FileInventory(Path(where))
+
+
+def reference_problems(document: InventoryDocument) -> list[str]:
+    """Names an inventory uses but does not define, and servers that disagree about who
+    replicates whom: what `ferry inventory check` reports for a file."""
+    problems: list[str] = []
+
+    def need(kind: str, known: dict[str, Any], name: str | None, used_by: str) -> None:
+        if name is not None and name not in known:
+            problems.append(f"{used_by} names {kind} {name!r}, which the inventory lacks")
+
+    for name, xen in document.xen_hosts.items():
+        need("datacenter", document.datacenters, xen.datacenter, f"Xen host {name!r}")
+    for name, vm in document.vms.items():
+        need("datacenter", document.datacenters, vm.datacenter, f"VM {name!r}")
+        need("Xen host", document.xen_hosts, vm.xen_host, f"VM {name!r}")
+    for name, env in document.environments.items():
+        need("datacenter", document.datacenters, env.datacenter, f"environment {name!r}")
+        for vm_name in env.vms:
+            need("VM", document.vms, vm_name, f"environment {name!r}")
+        for fs in env.shared_filesystems:
+            for vm_name in fs.mounted_on:
+                need("VM", document.vms, vm_name, f"{name}:{fs.mountpoint}")
+    servers = document.database_servers
+    for name, server in servers.items():
+        need("datacenter", document.datacenters, server.datacenter, f"server {name!r}")
+        need("database server", servers, server.master, f"server {name!r}")
+        for replica in server.replicas:
+            need("database server", servers, replica, f"server {name!r}")
+            if replica in servers and servers[replica].master not in (None, name):
+                problems.append(f"{name!r} lists replica {replica!r}, whose master is "
+                                f"{servers[replica].master!r}")
+    return problems

@@ -1,0 +1,200 @@
+"""Planning: one archive job per source the migration moves, from the inventory alone.
+
+- each local filesystem of each old VM → `snapshot.requested` (the Xen host's address, the
+  device, its size and snapshot driver), archived later from the snapshot;
+- each shared (GFS) filesystem → `archive.requested` kind `shared_fs`, taken on one VM that
+  mounts it;
+- each database → kind `database`, dumped on the old replica;
+- each old replica new database VMs start from → kind `db_server_root`, its root filesystem;
+  the reuse key names only the replica, so ten customers on one shared server share one
+  archive.
+Every request id is `<migration>:<kind>:<n>`, so a replayed migration plans the same ids.
+Nothing comes from free text in the document: hosts, devices and paths are the inventory's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from services.resolver.inventory import (
+    DatabaseServer,
+    Datacenter,
+    Environment,
+    Inventory,
+    InventoryInvalidError,
+    M,
+    UnknownEntityError,
+    Vm,
+    XenHost,
+)
+from shared.contracts import (
+    ArchiveKind,
+    ArchiveRequested,
+    ArchiveSource,
+    PlannedJob,
+    SnapshotRequested,
+)
+from shared.document import DatabaseMove, MigrationDocument
+from shared.errors import PermanentError
+
+
+class PlanningError(PermanentError):
+    """The document asks for something the inventory contradicts (a role, an engine…)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: tuple[PlannedJob, ...]
+    snapshots: tuple[SnapshotRequested, ...]
+    archives: tuple[ArchiveRequested, ...]
+
+
+class _Lookups:
+    """Asks the inventory once per entity per plan, and says why an entity was wanted."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self._inventory = inventory
+        self._seen: dict[tuple[type[Any], str], Any] = {}
+
+    def get(self, model: type[M], name: str, wanted_as: str = "") -> M:
+        key = (model, name)
+        if key not in self._seen:
+            try:
+                self._seen[key] = self._inventory.lookup(model, name)
+            except UnknownEntityError as error:
+                if not wanted_as:
+                    raise
+                raise UnknownEntityError(f"{error} ({wanted_as})") from error
+        found: M = self._seen[key]
+        return found
+
+    def datacenter(self, name: str, of: str) -> str:
+        self.get(Datacenter, name, f"the datacenter of {of}")
+        return name
+
+
+class _Planner:
+    def __init__(self, migration_id: str, inventory: Inventory) -> None:
+        self.migration_id = migration_id
+        self.look = _Lookups(inventory)
+        self.jobs: list[PlannedJob] = []
+        self.snapshots: list[SnapshotRequested] = []
+        self.archives: list[ArchiveRequested] = []
+        self._counts: dict[str, int] = {}
+
+    def _job(self, kind: ArchiveKind, datacenter: str, reuse_key: str,
+             source: ArchiveSource) -> PlannedJob:
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        job = PlannedJob(request_id=f"{self.migration_id}:{kind}:{self._counts[kind]}",
+                         kind=kind, datacenter=datacenter, reuse_key=reuse_key, source=source)
+        self.jobs.append(job)
+        if kind != "local_fs":
+            self.archives.append(ArchiveRequested(
+                datacenter=datacenter, request_id=job.request_id, kind=kind,
+                reuse_key=reuse_key, source=source))
+        return job
+
+    def local_filesystems(self, old_vm: str) -> None:
+        vm = self.look.get(Vm, old_vm)
+        what = f"old VM {old_vm!r}"
+        datacenter = self.look.datacenter(vm.datacenter, what)
+        xen = self.look.get(XenHost, vm.xen_host, f"the Xen host of {what}")
+        if xen.datacenter != vm.datacenter:
+            raise InventoryInvalidError(
+                f"{what} is in datacenter {vm.datacenter!r} but its Xen host "
+                f"{vm.xen_host!r} is in {xen.datacenter!r}")
+        for fs in vm.filesystems:
+            if fs.fs_type == "swap":
+                continue  # nothing worth moving; the new VM gets a fresh one
+            source = ArchiveSource(host=vm.ssh, device=fs.device,
+                                   path=fs.path if fs.snapshot_driver == "none" and fs.path
+                                   else fs.mountpoint,
+                                   label=f"{old_vm}:{fs.mountpoint}")
+            job = self._job("local_fs", datacenter, f"local_fs:{old_vm}:{fs.mountpoint}",
+                            source)
+            self.snapshots.append(SnapshotRequested(
+                request_id=job.request_id, datacenter=datacenter, xen_host=xen.address,
+                device=fs.device, size_bytes=fs.size_bytes or fs.used_bytes,
+                driver=fs.snapshot_driver, reuse_key=job.reuse_key, source=source))
+
+    def shared_filesystem(self, old_environment: str, mountpoint: str) -> None:
+        env = self.look.get(Environment, old_environment)
+        what = f"old environment {old_environment!r}"
+        found = [fs for fs in env.shared_filesystems if fs.mountpoint == mountpoint]
+        if not found:
+            known = ", ".join(fs.mountpoint for fs in env.shared_filesystems) or "none"
+            raise UnknownEntityError(f"{what} has no shared filesystem at {mountpoint!r} in "
+                                     f"the inventory (it has: {known})")
+        shared = found[0]
+        for vm_name in shared.mounted_on:
+            try:
+                vm = self.look.get(Vm, vm_name)
+            except UnknownEntityError:
+                continue  # another VM that mounts it will do
+            label = f"{old_environment}:{mountpoint}"
+            datacenter = self.look.datacenter(vm.datacenter, f"old VM {vm_name!r}")
+            self._job("shared_fs", datacenter, f"shared_fs:{old_environment}:{mountpoint}",
+                      ArchiveSource(host=vm.ssh, path=shared.path or mountpoint, label=label))
+            return
+        raise UnknownEntityError(
+            f"no VM that mounts shared filesystem {mountpoint!r} of {what} is in the "
+            f"inventory (mounted on: {', '.join(found[0].mounted_on)})")
+
+    def database(self, move: DatabaseMove, engine: str) -> DatabaseServer:
+        replica = self.look.get(DatabaseServer, move.old_replica)
+        master = self.look.get(DatabaseServer, move.old_master)
+        if replica.role != "replica":
+            raise PlanningError(f"database server {move.old_replica!r} is a {replica.role} "
+                                "in the inventory, not a replica: databases are dumped on "
+                                "a replica")
+        if master.role != "master":
+            raise PlanningError(f"database server {move.old_master!r} is a {master.role} "
+                                "in the inventory, not a master")
+        if replica.master != move.old_master and move.old_replica not in master.replicas:
+            raise PlanningError(f"{move.old_replica!r} is not a replica of "
+                                f"{move.old_master!r} in the inventory")
+        if move.name not in replica.databases:
+            known = ", ".join(sorted(replica.databases)) or "none"
+            raise UnknownEntityError(f"database {move.name!r} is not on "
+                                     f"{move.old_replica!r} in the inventory (it has: {known})")
+        if replica.engine != engine:
+            raise PlanningError(f"database {move.name!r} is {replica.engine} on "
+                                f"{move.old_replica!r}, but its new group runs {engine}")
+        datacenter = self.look.datacenter(replica.datacenter,
+                                          f"database server {move.old_replica!r}")
+        self._job("database", datacenter, f"database:{move.old_replica}:{move.name}",
+                  ArchiveSource(host=replica.ssh, database=move.name, engine=replica.engine,
+                                pause_replication=replica.pause_replication,
+                                label=f"{move.name}@{move.old_replica}"))
+        return replica
+
+    def server_root(self, name: str, replica: DatabaseServer) -> None:
+        excludes = (replica.data_dir,) if replica.data_dir else ()
+        self._job("db_server_root", replica.datacenter, f"db_server_root:{name}",
+                  ArchiveSource(host=replica.ssh, path=replica.root, excludes=excludes,
+                                engine=replica.engine, label=f"{name}:{replica.root}"))
+
+
+def plan_archives(document: MigrationDocument, inventory: Inventory,
+                  migration_id: str) -> Plan:
+    """Every archive `document` needs, in document order (local filesystems first).
+
+    Raises UnknownEntityError naming an old VM / environment / database / server the
+    inventory lacks, PlanningError or InventoryInvalidError when they contradict each other,
+    TransientError when the inventory cannot be reached.
+    """
+    planner = _Planner(migration_id, inventory)
+    moves = document.migration
+    for local in moves.local_filesystems:
+        planner.local_filesystems(local.old_vm)
+    for shared in moves.shared_filesystems:
+        planner.shared_filesystem(shared.old_environment, shared.mountpoint)
+    engines = {group.duid: group.engine for group in document.database_groups}
+    replicas: dict[str, DatabaseServer] = {}
+    for database in moves.databases:
+        replicas[database.old_replica] = planner.database(
+            database, engines[database.new_database_group])
+    for name, replica in replicas.items():
+        planner.server_root(name, replica)
+    return Plan(tuple(planner.jobs), tuple(planner.snapshots), tuple(planner.archives))

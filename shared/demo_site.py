@@ -1,0 +1,185 @@
+"""The demo's old site: VM root trees, a shared /data, a MariaDB database, the inventory
+describing them (every host `local`, snapshot driver `none`) and a migration document in
+the shape of examples/migration.json.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from shared.sample_site import SIZES, TreeSize, make_tree
+
+APP_VMS = {"small": 4, "medium": 20}
+DATACENTER = "ey04"
+OLD_ENV = "ey04-e00075"
+MASTER, REPLICA = "mysql-mega-2-master", "mysql-mega-2-replica"
+ROWS = {"small": 20_000, "medium": 200_000}
+
+
+@dataclass
+class DemoSite:
+    workdir: Path
+    size: str
+    database: str | None = None
+    database_rows: int = 0
+    sources: dict[str, Path] = field(default_factory=dict)  # archive label -> local path
+    inventory_path: Path | None = None
+    document_path: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.workdir / "source"
+
+
+def old_vm(index: int) -> str:
+    return f"ey04-s{50000 + index:05d}"
+
+
+def build_trees(site: DemoSite) -> int:
+    """Root trees for every app VM and the replica, and the shared /data; returns bytes."""
+    sizes = SIZES[site.size]
+    written = 0
+    for index in range(APP_VMS[site.size]):
+        root = site.source / "vms" / old_vm(index) / "root"
+        written += make_tree(root, sizes["root"], seed=index, rootfs=True)
+        site.sources[f"{old_vm(index)}:/"] = root
+    replica_root = site.source / "vms" / REPLICA / "root"
+    written += make_tree(replica_root, TreeSize(200, 0, 0), seed=999, rootfs=True)
+    (replica_root / "var/lib/mysql").mkdir(parents=True, exist_ok=True)
+    (replica_root / "var/lib/mysql/ibdata1").write_bytes(b"\0" * 4096)  # excluded: data dir
+    site.sources[f"{REPLICA}:/"] = replica_root
+    data = site.source / "envs" / OLD_ENV / "data"
+    written += make_tree(data, sizes["data"], seed=4242)
+    site.sources[f"{OLD_ENV}:/data"] = data
+    return written
+
+
+def build_database(site: DemoSite, mysql_url: str) -> str | None:
+    """A database with rows on the MariaDB at mysql_url; None (and why) when unreachable."""
+    import pymysql
+
+    parsed = urlparse(mysql_url if "://" in mysql_url else f"mysql://{mysql_url}")
+    try:
+        connection = pymysql.connect(host=parsed.hostname or "127.0.0.1", port=parsed.port or 3306,
+                                     user=parsed.username or "root",
+                                     password=parsed.password or "", connect_timeout=5,
+                                     autocommit=True)
+    except pymysql.err.OperationalError as error:
+        return f"no MariaDB at {parsed.hostname}:{parsed.port or 3306} ({error.args[-1]})"
+    name = f"ferry_demo_{uuid.uuid4().hex[:8]}"
+    rows = ROWS[site.size]
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}`")
+        cursor.execute(f"USE `{name}`")
+        cursor.execute("CREATE TABLE customers (id INT PRIMARY KEY, name VARCHAR(100), "
+                       "email VARCHAR(200), created_at DATETIME) ENGINE=InnoDB")
+        cursor.execute("CREATE TABLE orders (id INT PRIMARY KEY, customer_id INT, "
+                       "total DECIMAL(10,2), status VARCHAR(20), note TEXT) ENGINE=InnoDB")
+        batch = 5_000
+        for start in range(0, rows, batch):
+            stop = min(rows, start + batch)
+            cursor.executemany("INSERT INTO customers VALUES (%s, %s, %s, %s)", [
+                (i, f"customer {i}", f"c{i}@example.com", f"2012-01-{i % 28 + 1:02d} 10:00:00")
+                for i in range(start, stop)])
+            cursor.executemany("INSERT INTO orders VALUES (%s, %s, %s, %s, %s)", [
+                (i, i % 997, (i * 37) % 10000 / 100, ("paid", "open", "refunded")[i % 3],
+                 f"order note {i} " * (i % 5)) for i in range(start, stop)])
+    connection.close()
+    site.database, site.database_rows = name, rows
+    return None
+
+
+def inventory(site: DemoSite) -> dict[str, Any]:
+    vms: dict[str, Any] = {}
+    for index in range(APP_VMS[site.size]):
+        root = site.source / "vms" / old_vm(index) / "root"
+        vms[old_vm(index)] = {
+            "datacenter": DATACENTER, "xen_host": "xen-demo", "ssh": "local",
+            "filesystems": [{"mountpoint": "/", "device": f"/dev/vg_demo/{old_vm(index)}-root",
+                             "fs_type": "ext4", "used_bytes": _du(root),
+                             "size_bytes": 16 << 30, "snapshot_driver": "none",
+                             "path": str(root)}],
+        }
+    data = site.source / "envs" / OLD_ENV / "data"
+    databases = {site.database: {"size_bytes": 0}} if site.database else {}
+    server = {"datacenter": DATACENTER, "engine": "mysql", "version": "5.0.51", "ssh": "local",
+              "databases": databases, "data_dir": "/var/lib/mysql"}
+    return {
+        "datacenters": {DATACENTER: {"archive_hosts": ["local"]}},
+        "xen_hosts": {"xen-demo": {"datacenter": DATACENTER, "address": "local"}},
+        "vms": vms,
+        "environments": {OLD_ENV: {
+            "datacenter": DATACENTER, "vms": list(vms),
+            "shared_filesystems": [{"mountpoint": "/data", "used_bytes": _du(data),
+                                    "mounted_on": [old_vm(0)], "path": str(data)}],
+        }},
+        "database_servers": {
+            MASTER: {**server, "role": "master", "replicas": [REPLICA]},
+            REPLICA: {**server, "role": "replica", "master": MASTER,
+                      "root": str(site.source / "vms" / REPLICA / "root"),
+                      "pause_replication": False},
+        },
+    }
+
+
+def document(site: DemoSite) -> dict[str, Any]:
+    """examples/migration.json's shape, with APP_VMS[size] app VMs."""
+    apps = [f"vm_{i + 1}" for i in range(APP_VMS[site.size])]
+    master, replica = f"vm_{len(apps) + 1}", f"vm_{len(apps) + 2}"
+
+    def vm(duid: str, role: str, env: str, mounts: list[tuple[str, int]]) -> dict[str, Any]:
+        return {"duid": duid, "role": role, "environment": env, "memory_mib": 1792, "vcpus": 2,
+                "disks": [{"size_gib": size + 5, "filesystems": [
+                    {"mountpoint": mount, "size_gib": size, "fs_type": "ext4"}]}
+                    for mount, size in mounts]}
+
+    vms = [vm(duid, "app", "env_1", [("/", 15), ("/data", 50)] if i == 0 else [("/", 15)])
+           for i, duid in enumerate(apps)]
+    vms += [vm(master, "db_master", "env_2", [("/", 15), ("/var/lib/mysql", 95)]),
+            vm(replica, "db_replica", "env_2", [("/", 15), ("/var/lib/mysql", 95)])]
+    databases = ([{"name": site.database, "old_master": MASTER, "old_replica": REPLICA,
+                   "new_database_group": "db_1"}] if site.database else [])
+    return {
+        "version": 1,
+        "customer": {"id": "cust-demo", "name": "Foobar Inc. (demo)"},
+        "environments": [{"duid": "env_1", "name_hint": "foobar app", "vms": apps},
+                         {"duid": "env_2", "name_hint": "foobar db", "vms": [master, replica]}],
+        "vms": vms,
+        "public_ips": [{"duid": "ip_1", "port_mappings": [
+            {"protocol": "tcp", "external_port": port, "vms": apps, "internal_port": port}
+            for port in (443, 80)]}],
+        "database_groups": [{"duid": "db_1", "engine": "mysql", "version": "5.0.51",
+                             "master": master, "replicas": [replica]}],
+        "migration": {
+            "shared_filesystems": [{"old_environment": OLD_ENV, "mountpoint": "/data",
+                                    "new_environment": "env_1"}],
+            "ip_equivalences": [{"old_ip": "203.0.113.10", "new_public_ip": "ip_1"}],
+            "databases": databases,
+            "local_filesystems": [{"old_vm": old_vm(i), "new_vm": duid}
+                                  for i, duid in enumerate(apps)],
+        },
+    }
+
+
+def build_site(workdir: Path, size: str, mysql_url: str | None) -> tuple[DemoSite, str | None]:
+    """Everything under workdir/source plus inventory.yaml and migration.json. Returns the
+    site and, when the database was left out, why."""
+    site = DemoSite(workdir=workdir, size=size)
+    build_trees(site)
+    why_no_db = build_database(site, mysql_url) if mysql_url else "no MariaDB URL given"
+    site.inventory_path = workdir / "inventory.yaml"
+    site.inventory_path.write_text(yaml.safe_dump(inventory(site), sort_keys=False))
+    site.document_path = workdir / "migration.json"
+    site.document_path.write_text(json.dumps(document(site), indent=2))
+    return site, why_no_db
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())

@@ -1,0 +1,186 @@
+"""Three resolver processes on one PostgreSQL, fed by RabbitMQ: nothing allocated twice,
+and an exhausted pool fails only the migration that ran out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from services.resolver.bootstrap import NAME
+from services.resolver.handlers import HANDLERS
+from shared.bus import declare_topology
+from shared.runtime import routing_keys
+from shared.topology import QueueSpec
+from tests.integration.test_resolver_backbone import (
+    Watch,
+    held_by,
+    publish_all,
+    resolver_settings,
+    submitted,
+)
+from tests.unit.resolver.documents import INVENTORY, example_document
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ResolverProcess:
+    """`python -m services.resolver` as a real process, ended only by its own PID."""
+
+    def __init__(self, broker_url: str, db_url: str, log: Path, **env: str) -> None:
+        environment = {**os.environ, "FERRY_BROKER_URL": broker_url,
+                       "FERRY_RESOLVER_DATABASE_URL": db_url, "FERRY_INVENTORY": str(INVENTORY),
+                       "FERRY_STATE_DIR": str(log.parent), "FERRY_OUTBOX_POLL_SECONDS": "0.1",
+                       "FERRY_RETRY_DELAYS": "0.2,0.5", "PYTHONPATH": str(ROOT), **env}
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "services.resolver"],
+                                            env=environment, cwd=ROOT, stdout=out,
+                                            stderr=subprocess.STDOUT)
+
+    def started(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"resolver exited {self.process.returncode}: "
+                                 f"{self.log.read_text()[-3000:]}")
+        return "resolver: started" in self.log.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def start_resolvers(tmp_path: Path) -> Iterator[Callable[..., list[ResolverProcess]]]:
+    started: list[ResolverProcess] = []
+
+    def start(count: int, broker_url: str, db_url: str, **env: str) -> list[ResolverProcess]:
+        # The queue exists before anything is published, so nothing is routed nowhere.
+        declare_topology(broker_url, QueueSpec(NAME, routing_keys(HANDLERS)),
+                         resolver_settings(broker_url, db_url, tmp_path))
+        batch = [ResolverProcess(broker_url, db_url, tmp_path / f"resolver-{len(started) + n}.log",
+                                 **env) for n in range(count)]
+        started.extend(batch)
+        deadline = time.monotonic() + 60
+        while not all(p.started() for p in batch):
+            assert time.monotonic() < deadline, "resolvers did not start within 60 s"
+            time.sleep(0.1)
+        return batch
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def rows(db_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        found = [tuple(row) for row in connection.execute(text(sql), params)]
+    engine.dispose()
+    return found
+
+
+def test_forty_migrations_on_three_processes_allocate_nothing_twice(
+    rabbit_url: str, pg_url: str, start_resolvers: Callable[..., list[ResolverProcess]],
+) -> None:
+    # Given 3 resolver processes on one database, and 30 customers, 10 of them migrating twice
+    start_resolvers(3, rabbit_url, pg_url)
+    watch = Watch(rabbit_url)
+    customers = [f"cust-{n % 30:02d}" for n in range(40)]
+    envelopes = [submitted(example_document(c, public_ips=1 + n % 2), f"m-{n:02d}")
+                 for n, c in enumerate(customers)]
+    # When all 40 are submitted at once
+    publish_all(rabbit_url, envelopes)
+    # Then all 40 are resolved
+    resolved = {e["migration_id"]: e["payload"]
+                for e in watch.wait("migration.resolved", 40, timeout=120)}
+    assert sorted(resolved) == [f"m-{n:02d}" for n in range(40)]
+    assert watch.of("migration.failed") == []
+    # And over the tables: no name, number, public IP, VLAN or internal IP taken twice
+    for sql in (
+        "SELECT name FROM names GROUP BY name HAVING count(*) > 1",
+        "SELECT prefix, number FROM names GROUP BY prefix, number HAVING count(*) > 1",
+        "SELECT address FROM public_ips WHERE migration_id IS NOT NULL GROUP BY address"
+        " HAVING count(*) > 1",
+        "SELECT customer_id FROM vlans WHERE customer_id IS NOT NULL GROUP BY customer_id"
+        " HAVING count(*) > 1",
+        "SELECT subnet FROM vlans GROUP BY subnet HAVING count(*) > 1",
+        "SELECT address FROM internal_ips WHERE migration_id IS NOT NULL GROUP BY address"
+        " HAVING count(*) > 1",
+        # every internal IP lies in its customer's VLAN
+        "SELECT i.address FROM internal_ips i JOIN vlans v ON v.id = i.vlan_id"
+        " WHERE i.migration_id IS NOT NULL AND NOT (i.address::inet << v.subnet::cidr)",
+    ):
+        assert rows(pg_url, sql) == [], sql
+    # And names were numbered without a gap: 240 VMs from 101, 80 environments from 50
+    assert rows(pg_url, "SELECT prefix, min(number), max(number), count(*) FROM names"
+                        " GROUP BY prefix ORDER BY prefix") == [
+        ("tm21-e", 50, 129, 80), ("tm21-s", 101, 340, 240)]
+    assert rows(pg_url, "SELECT count(*) FROM vlans WHERE customer_id IS NOT NULL") == [(30,)]
+    assert rows(pg_url, "SELECT count(*) FROM public_ips WHERE migration_id IS NOT NULL") == [
+        (60,)]
+    # And what the 40 events announce agrees: every entity distinct, one VLAN per customer
+    allocations = [resolved[e.migration_id]["allocations"] for e in envelopes]
+    vm_names = [vm["name"] for a in allocations for vm in a["vms"].values()]
+    internal = [vm["internal_ip"] for a in allocations for vm in a["vms"].values()]
+    addresses = [ip for a in allocations for ip in a["public_ips"].values()]
+    env_names = [name for a in allocations for name in a["environments"].values()]
+    for announced in (vm_names, internal, addresses, env_names):
+        assert len(announced) == len(set(announced))
+    vlan_of: dict[str, set[int]] = {}
+    for customer, allocation in zip(customers, allocations, strict=True):
+        vlan_of.setdefault(customer, set()).add(allocation["vlan"]["id"])
+    assert all(len(ids) == 1 for ids in vlan_of.values())
+    assert len({ids.pop() for ids in vlan_of.values()}) == 30
+    watch.close()
+
+
+def test_pool_exhausted_mid_way_fails_that_migration_only_holding_nothing(
+    rabbit_url: str, pg_url: str, start_resolvers: Callable[..., list[ResolverProcess]],
+) -> None:
+    # Given ten public IPs, 20 migrations needing none and 4 needing 3 each, on 3 processes
+    start_resolvers(3, rabbit_url, pg_url,
+                    FERRY_PUBLIC_IP_POOL="198.51.100.1-198.51.100.10")
+    watch = Watch(rabbit_url)
+    big = {f"m-big-{n}" for n in range(4)}
+    envelopes = [submitted(example_document(f"cust-{n:02d}", public_ips=0), f"m-{n:02d}")
+                 for n in range(20)]
+    for n, migration_id in enumerate(sorted(big)):
+        envelopes.insert(4 + 5 * n, submitted(example_document(f"cust-big-{n}", public_ips=3),
+                                              migration_id))
+    # When all are submitted at once
+    publish_all(rabbit_url, envelopes)
+    # Then exactly one of the big ones fails, naming the pool and what was missing
+    failed = watch.wait("migration.failed", 1, timeout=120)
+    resolved = watch.wait("migration.resolved", 23, timeout=120)
+    time.sleep(0.5)
+    assert len(watch.of("migration.failed")) == 1 and len(watch.of("migration.resolved")) == 23
+    loser = failed[0]["migration_id"]
+    assert loser in big
+    assert failed[0]["payload"] == {
+        "stage": "resolve",
+        "reason": "public IP pool 198.51.100.1-198.51.100.10 exhausted: 3 needed, 1 free"}
+    # And it holds nothing: no name, IP, VLAN or internal IP
+    engine = create_engine(pg_url)
+    assert held_by(engine, loser) == 0
+    engine.dispose()
+    assert rows(pg_url, "SELECT count(*) FROM resolutions WHERE migration_id = :m",
+                m=loser) == [(0,)]
+    # And the others got everything: 9 IPs taken, one left free, names without a gap
+    assert rows(pg_url, "SELECT count(*) FROM public_ips WHERE migration_id IS NULL") == [(1,)]
+    assert {e["migration_id"] for e in resolved} == {e.migration_id for e in envelopes} - {loser}
+    assert rows(pg_url, "SELECT min(number), max(number), count(*) FROM names"
+                        " WHERE prefix = 'tm21-s'") == [(101, 101 + 23 * 6 - 1, 23 * 6)]
+    watch.close()

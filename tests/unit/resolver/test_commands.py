@@ -1,0 +1,40 @@
+"""`ferry inventory check`: a usable inventory passes and shows a document's jobs; dangling
+names fail it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from services.resolver import commands
+from shared.cli import main
+from tests.unit.resolver.documents import INVENTORY, ROOT
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commands, "console", Console(width=200))
+
+
+def test_check_shows_the_jobs_a_document_would_get(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["inventory", "check", str(INVENTORY), "--document",
+                   str(ROOT / "examples" / "migration.json")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "7 archive jobs" in out and "db_server_root:mysql-mega-2-replica" in out
+    assert "is usable" in out
+
+
+def test_check_fails_on_a_name_the_inventory_uses_but_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = yaml.safe_load(INVENTORY.read_text())
+    data["vms"]["ey04-s50002"]["xen_host"] = "xen-ey04-99"
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["inventory", "check", str(path)]) == 1
+    assert "VM 'ey04-s50002' names Xen host 'xen-ey04-99', which the inventory lacks" in (
+        capsys.readouterr().out)
