@@ -62,7 +62,10 @@ def run(
             services += [_bootstrap(name, settings, datacenter=dc, concurrency=concurrency)
                          for dc in datacenters]
         else:
-            services.append(_bootstrap(name, settings, concurrency=concurrency))
+            # One process serving everything must not leave intake's API open: intake makes
+            # up a token and prints it when FERRY_API_TOKEN is not set.
+            services.append(_bootstrap(name, settings, concurrency=concurrency,
+                                       generate_token=service == "all"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

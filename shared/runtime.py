@@ -52,10 +52,16 @@ class Service:
     relay: OutboxRelay | None = None
     consumer: ServiceConsumer | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
+    # Extra parts of a service with their own lifecycle (intake's HTTP server): each
+    # on_start runs after the consumer started (raising fails start()), each on_stop runs
+    # first on stop, so nothing new comes in while the rest winds down.
+    on_start: list[Callable[[], None]] = field(default_factory=list)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.relay = OutboxRelay(self.engine, self.settings.broker_url,
-                                 poll_seconds=self.settings.outbox_poll_seconds, name=self.name)
+                                 poll_seconds=self.settings.outbox_poll_seconds, name=self.name,
+                                 delivery_limit=self.settings.delivery_limit)
 
     def uow(self) -> UnitOfWork:
         """A unit of work that wakes this service's relay and workers when it commits."""
@@ -86,10 +92,14 @@ class Service:
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
+        for hook in self.on_start:
+            hook()
         log.info("%s: started (queue %s, %d job workers)", self.name, self.queue.name,
                  sum(w.concurrency for w in self.workers))
 
     def stop(self) -> None:
+        for hook in self.on_stop:
+            hook()
         if self.consumer is not None:
             self.consumer.should_stop = True
         for thread in self._threads:
