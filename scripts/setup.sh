@@ -3,12 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssh-server openssh-client rsync tar zstd pigz mariadb-client docker-compose)
+APT_PACKAGES=(openssh-server openssh-client rsync tar zstd pigz mariadb-client docker-compose
+  # the lab (tests/lab): a Debian kernel under QEMU and what its initramfs and shared/nbd.py use
+  qemu-system-x86 linux-image-amd64 busybox-static dmsetup nbd-server nbd-client nbdkit libnbd-bin
+  kmod cpio fuse3 e2fsprogs procps)
 
 missing=()
-for tool in /usr/sbin/sshd /usr/bin/ssh /usr/bin/rsync /usr/bin/zstd /usr/bin/pigz /usr/bin/mysqldump /usr/bin/docker-compose; do
+for tool in /usr/sbin/sshd /usr/bin/ssh /usr/bin/rsync /usr/bin/zstd /usr/bin/pigz /usr/bin/mysqldump /usr/bin/docker-compose \
+    /usr/bin/qemu-system-x86_64 /bin/busybox /usr/sbin/dmsetup /usr/bin/nbd-server /usr/sbin/nbd-client \
+    /usr/bin/nbdkit /usr/bin/nbdfuse /usr/bin/kmod /usr/bin/cpio /usr/bin/fusermount3 /usr/sbin/mke2fs \
+    /usr/bin/pgrep; do
   [ -x "$tool" ] || missing+=("$tool")
 done
+compgen -G '/boot/vmlinuz-*-amd64' >/dev/null || missing+=(/boot/vmlinuz-*-amd64)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing ${APT_PACKAGES[*]} (missing: ${missing[*]})"
