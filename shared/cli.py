@@ -179,6 +179,9 @@ def demo(
                                                       "temp dir)")] = None,
     size: Annotated[str, typer.Option(help="small (~150 MB, 7 archives) or medium "
                                            "(>2 GiB, 23 archives)")] = "small",
+    keep_source_database: Annotated[bool, typer.Option(
+        help="leave the sample MariaDB database in place (to compare a restore with it)")
+    ] = False,
 ) -> None:
     """Run a whole migration of sample data on the embedded default (one process, memory
     broker, SQLite, local executor); exit 0 only when every archive arrived verified."""
@@ -191,4 +194,5 @@ def demo(
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     mysql_url = os.environ.get("FERRY_DEMO_MYSQL_URL", "127.0.0.1:3306")
-    raise typer.Exit(run_demo(workdir, console, size=size, mysql_url=mysql_url))
+    raise typer.Exit(run_demo(workdir, console, size=size, mysql_url=mysql_url,
+                              keep_source_database=keep_source_database))

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shared.demo_site import DATACENTER, DemoSite, build_site
+from shared.demo_site import DATACENTER, DemoSite, build_site, drop_database
 from shared.settings import SERVICES, Settings
 
 FINAL = {"failed", "completed"}
@@ -115,7 +115,8 @@ def _sha256(path: Path) -> str:
 
 
 def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
-             mysql_url: str | None = "127.0.0.1:3306", timeout: float = 1800.0) -> int:
+             mysql_url: str | None = "127.0.0.1:3306", timeout: float = 1800.0,
+             keep_source_database: bool = False) -> int:
     """Build the sample site, run the migration, report. Returns the exit status: 0 only
     when every archive was transferred and verified."""
     started = time.monotonic()
@@ -145,6 +146,7 @@ def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
             migration_id = response.json()["id"]
             console.print(f"submitted {migration_id} through {base}/migrations")
             status = _follow(client, migration_id, console, timeout)
+            console.print()
             stats = client.get(f"/migrations/{migration_id}/stats").json()
         if status.get("allocations"):
             console.print(allocations_table(status["allocations"]))
@@ -160,6 +162,11 @@ def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
     finally:
         for service in reversed(services):
             service.stop()
+        if site.database and mysql_url:
+            if keep_source_database:
+                console.print(f"source database {site.database} kept")
+            else:
+                drop_database(mysql_url, site.database)
 
 
 def _follow(client: httpx.Client, migration_id: str, console: Console,

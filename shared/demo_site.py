@@ -61,18 +61,33 @@ def build_trees(site: DemoSite) -> int:
     return written
 
 
+def _connect(mysql_url: str) -> Any:
+    import pymysql
+
+    parsed = urlparse(mysql_url if "://" in mysql_url else f"mysql://{mysql_url}")
+    return pymysql.connect(host=parsed.hostname or "127.0.0.1", port=parsed.port or 3306,
+                           user=parsed.username or "root", password=parsed.password or "",
+                           connect_timeout=5, autocommit=True)
+
+
+def drop_database(mysql_url: str, name: str) -> None:
+    """Remove a demo database (only ever one this module created: ferry_demo_<hex>)."""
+    if not name.startswith("ferry_demo_") or not name[11:].isalnum():
+        raise ValueError(f"refusing to drop {name!r}: not a demo database")
+    connection = _connect(mysql_url)
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    connection.close()
+
+
 def build_database(site: DemoSite, mysql_url: str) -> str | None:
     """A database with rows on the MariaDB at mysql_url; None (and why) when unreachable."""
     import pymysql
 
-    parsed = urlparse(mysql_url if "://" in mysql_url else f"mysql://{mysql_url}")
     try:
-        connection = pymysql.connect(host=parsed.hostname or "127.0.0.1", port=parsed.port or 3306,
-                                     user=parsed.username or "root",
-                                     password=parsed.password or "", connect_timeout=5,
-                                     autocommit=True)
+        connection = _connect(mysql_url)
     except pymysql.err.OperationalError as error:
-        return f"no MariaDB at {parsed.hostname}:{parsed.port or 3306} ({error.args[-1]})"
+        return f"no MariaDB at {mysql_url} ({error.args[-1]})"
     name = f"ferry_demo_{uuid.uuid4().hex[:8]}"
     rows = ROWS[site.size]
     with connection.cursor() as cursor:

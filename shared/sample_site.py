@@ -53,9 +53,9 @@ def _text(rng: random.Random, pool: list[bytes], size: int) -> bytes:
 
 
 def _binary(rng: random.Random, size: int) -> bytes:
-    # Half random, half repetitive: about what compiled code and images compress to.
-    random_part = rng.randbytes(size // 2)
-    return random_part + (random_part[:4096] * (size // 8192 + 1))[: size - len(random_part)]
+    # Mostly incompressible with some zero padding: like compiled code, images, archives.
+    random_part = rng.randbytes(size - size // 5)
+    return random_part + bytes(size - len(random_part))
 
 
 def _write(path: Path, data: bytes) -> None:

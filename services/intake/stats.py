@@ -97,9 +97,12 @@ def render_stats(stats: dict[str, Any], wall_seconds: float | None = None) -> Gr
         ratio = top["raw_bytes"] / top["compressed_bytes"] if top["compressed_bytes"] else 0
         largest.add_row(KIND_NAMES[kind], top["label"], _size(top["raw_bytes"]),
                         _size(top["compressed_bytes"]), f"{ratio:.2f}x")
-    under = Table("kind", "raw size under", "share")
-    for item in stats["under"]:
-        under.add_row(KIND_NAMES[item["kind"]], _size(item["bytes"]), f"{item['share']:.0%}")
+    limits = sorted({item["bytes"] for item in stats["under"]})
+    under = Table("share of archives with raw size under", *(_size(b) for b in limits))
+    for kind in KINDS:
+        shares = {i["bytes"]: i["share"] for i in stats["under"] if i["kind"] == kind}
+        if shares:
+            under.add_row(KIND_NAMES[kind], *(f"{shares[b]:.0%}" for b in limits))
     transfer = stats["transfer"]
     moved = Table("transfers", "value")
     moved.add_row("count", str(transfer["count"]))

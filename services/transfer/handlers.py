@@ -1,7 +1,129 @@
-"""The transfer service's handlers: plain functions, registered by event type at the bottom."""
+"""The transfer service's handlers: plain functions, registered by event type at the bottom.
+
+They only record: a transfer job per archive per migration, and which requests a migration
+expects. The sending happens in services.transfer.jobs, under a lease.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import time
+from pathlib import PurePosixPath
+from typing import Any
+
+from sqlalchemy import select, update
+
+from services.transfer import ledger
+from services.transfer.destination import safe_component
+from services.transfer.tables import transfer_migrations, transfer_requests, transfers
+from shared.contracts import ArchiveCompleted, ArchiveFailed, MigrationResolved, TransferFailed
+from shared.envelope import Envelope
+from shared.errors import PermanentError
+from shared.inbox_outbox import UnitOfWork
+from shared.jobs import DONE, FAILED, new_job_values
 from shared.runtime import ServiceHandler
 
-HANDLERS: dict[str, ServiceHandler] = {}
+
+def transfer_id(migration_id: str, archive_id: str) -> str:
+    """One transfer per archive per migration, whichever request names it first."""
+    digest = hashlib.sha256(f"{migration_id}\0{archive_id}".encode()).hexdigest()
+    return f"tr-{digest[:40]}"
+
+
+def record_expected_requests(event: MigrationResolved, envelope: Envelope, *, uow: UnitOfWork,
+                             destination: str) -> None:
+    """Remember every archive request of the migration: it completes when all transferred."""
+    with uow:
+        if not uow.inbox.claim(envelope.id, "record_expected_requests"):
+            return
+        connection, migration_id = uow.connection, envelope.migration_id
+        ledger.lock_migration(connection, migration_id)
+        for job in event.jobs:
+            ledger.insert_ignore(connection, transfer_requests, {
+                "migration_id": migration_id, "request_id": job.request_id, "kind": job.kind,
+                "state": ledger.EXPECTED, "updated_at": time.time()})
+        m = transfer_migrations
+        connection.execute(update(m).where(m.c.migration_id == migration_id)
+                           .values(resolved=True))
+        # its archives may all have been transferred before this message arrived
+        ledger.complete_if_done(connection, uow.outbox, migration_id, envelope)
+        uow.commit()
+
+
+def record_archive(event: ArchiveCompleted, envelope: Envelope, *, uow: UnitOfWork,
+                   destination: str) -> None:
+    """A transfer job for the archive (one per migration), linked to this request."""
+    migration_id = envelope.migration_id
+    safe_component(migration_id, "migration id")  # raises UnsafeNameError: dead-lettered
+    safe_component(event.file_name, "archive file name")
+    if not PurePosixPath(event.path).is_absolute():
+        raise PermanentError(f"archive {event.archive_id}: staging path {event.path!r} "
+                             "is not absolute")
+    with uow:
+        if not uow.inbox.claim(envelope.id, "record_archive"):
+            return
+        connection = uow.connection
+        ledger.lock_migration(connection, migration_id)
+        job_id = transfer_id(migration_id, event.archive_id)
+        payload = {"archive_id": event.archive_id, "path": event.path,
+                   "file_name": event.file_name, "sha256": event.sha256,
+                   "bytes": event.compressed_bytes, "datacenter": event.datacenter,
+                   "kind": event.kind}
+        ledger.insert_ignore(connection, transfers, new_job_values(
+            job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,
+            archive_id=event.archive_id, destination=destination, verify_failures=0))
+        ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
+                           archive_id=event.archive_id, job_id=job_id,
+                           state=ledger.TRANSFERRING)
+        job = connection.execute(select(transfers).where(transfers.c.id == job_id)).one()
+        if job.state == DONE:  # another request's archive, already sent: count this one too
+            ledger.announce_transferred(connection, uow.outbox, job, job.result, envelope)
+        elif job.state == FAILED:
+            ledger.announce_failed(connection, uow.outbox, job, job.error or "failed", envelope)
+        uow.commit()
+
+
+def record_archive_failure(event: ArchiveFailed, envelope: Envelope, *, uow: UnitOfWork,
+                           destination: str) -> None:
+    """An archive that will never come fails its migration (once)."""
+    with uow:
+        if not uow.inbox.claim(envelope.id, "record_archive_failure"):
+            return
+        if not event.will_retry:
+            connection = uow.connection
+            ledger.lock_migration(connection, envelope.migration_id)
+            ledger.put_request(connection, envelope.migration_id, event.request_id,
+                               kind=event.kind, state=ledger.ARCHIVE_FAILED,
+                               reason=event.reason[-2000:])
+            ledger.fail_migration(connection, uow.outbox, envelope.migration_id, "archive",
+                                  f"{event.kind} {event.request_id}: {event.reason}", envelope)
+        uow.commit()
+
+
+def record_failed_message(event: Any, envelope: Envelope, error: BaseException, *,
+                          uow: UnitOfWork) -> None:
+    """The bus's failure hook: an archive.completed that cannot be recorded (say, a file name
+    unfit for the destination) fails its request and migration instead of vanishing."""
+    if not isinstance(event, ArchiveCompleted):
+        return
+    with uow:
+        if not uow.inbox.claim(envelope.id, "record_failed_message"):
+            return
+        connection = uow.connection
+        ledger.lock_migration(connection, envelope.migration_id)
+        ledger.put_request(connection, envelope.migration_id, event.request_id,
+                           kind=event.kind, archive_id=event.archive_id, state=ledger.FAILED,
+                           reason=str(error)[-2000:])
+        uow.outbox.add(TransferFailed(request_id=event.request_id, archive_id=event.archive_id,
+                                      reason=str(error)[-2000:], attempts=0),
+                       migration_id=envelope.migration_id, cause=envelope)
+        ledger.fail_migration(connection, uow.outbox, envelope.migration_id, "transfer",
+                              str(error), envelope)
+        uow.commit()
+
+
+HANDLERS: dict[str, ServiceHandler] = {
+    MigrationResolved.TYPE: record_expected_requests,
+    ArchiveCompleted.TYPE: record_archive,
+    ArchiveFailed.TYPE: record_archive_failure,
+}

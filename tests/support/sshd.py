@@ -124,6 +124,7 @@ class SshServer:
                 "aes256-ctr",
             ]
         )
+        (self.dir / "home").mkdir(exist_ok=True)
         self.config_path.write_text(
             "\n".join(
                 [
@@ -142,6 +143,10 @@ class SshServer:
                     "MaxStartups 32",
                     f"Ciphers {ciphers}",
                     "Subsystem sftp internal-sftp",
+                    # bash started by sshd sources $HOME/.bashrc; root's on this machine runs
+                    # `pyenv init`, whose rehash lock, left behind by any killed shell, stalls
+                    # every later login for 60 s. Test sessions get a home of their own.
+                    f"SetEnv HOME={self.dir / 'home'}",
                     "",
                 ]
             )

@@ -1,0 +1,277 @@
+"""The transfer worker: each claim of a transfer job is one attempt at sending its archive.
+
+An attempt creates the directory at the destination, runs rsync (which resumes from what
+an earlier attempt left there), then compares the sha256 of the file at the destination
+with the archive's. A transient failure gives the job back with an exponential, jittered
+delay; the last attempt, a permanent failure or a second sha256 mismatch fails it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import re
+import secrets
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, Row, and_, func, select
+
+from services.transfer import ledger, rsync
+from services.transfer.attempts import Attempt
+from services.transfer.destination import Destination, open_host, parse_destination, ssh_identity
+from services.transfer.progress import ProgressReporter
+from services.transfer.tables import transfers
+from shared.db import is_postgres
+from shared.errors import PermanentError, TransientError, UnexpectedExit
+from shared.hosts import Host, HostPool, LocalExecutor
+from shared.inbox_outbox import UnitOfWork
+from shared.jobs import FAILED, RUNNING, JobWorker, Lease, Leases
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLAIM_LOCK = zlib.crc32(b"ferry-transfer-claim")  # PostgreSQL advisory lock key
+HASH_BYTES_PER_S = 20e6  # the slowest hashing we allow for at the destination
+# openssl hashes with the CPU's SHA extensions where coreutils' sha256sum does not: 0.34 s of
+# CPU against 1.6 s for 512 MiB on this machine; sha256sum where openssl is missing
+HASHERS = (["openssl", "dgst", "-sha256", "-r", "--"], ["sha256sum", "--"])
+_DIGEST = re.compile(rb"^([0-9a-f]{64})[ \t]")
+
+
+class TransferInterruptedError(TransientError):
+    """The service is stopping: rsync was stopped, the next attempt resumes."""
+
+
+class ChecksumMismatchError(PermanentError):
+    """The file at the destination is not the archive, even after a resend from zero."""
+
+
+@dataclass
+class TransferContext:
+    """What every attempt needs, wired by bootstrap."""
+
+    settings: Settings
+    engine: Engine
+    leases: TransferLeases
+    uow: Callable[[], UnitOfWork]
+    hosts: HostPool
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+class TransferLeases(Leases):
+    """Leases on `transfers` that never let more than `max_parallel` transfers run at once
+    to one destination, however many workers claim."""
+
+    def __init__(self, engine: Engine, lease_seconds: float, max_parallel: int) -> None:
+        super().__init__(engine, transfers, lease_seconds)
+        self.max_parallel = max_parallel
+
+    def room(self) -> ColumnElement[bool]:
+        """Jobs whose destination runs fewer than max_parallel live (unexpired) transfers."""
+        busy = transfers.alias("busy")
+        full = (select(busy.c.destination)
+                .where(busy.c.state == RUNNING, busy.c.lease_expires_at >= time.time())
+                .group_by(busy.c.destination).having(func.count() >= self.max_parallel))
+        return transfers.c.destination.not_in(full)
+
+    def claim(self, owner: str, where: ColumnElement[bool] | None = None) -> Row[Any] | None:
+        """Claim as Leases does, within the per-destination limit. On PostgreSQL, claims
+        take turns on an advisory lock: two claims counting the same running jobs at once
+        could both see room for one more. SQLite's BEGIN IMMEDIATE serialises them anyway."""
+        room = self.room() if where is None else and_(self.room(), where)
+        if not is_postgres(self.engine):
+            return super().claim(owner, room)
+        with self.engine.connect() as lock:  # held until this transaction ends, however
+            lock.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
+            try:
+                return super().claim(owner, room)
+            finally:
+                lock.rollback()
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Delay before attempt `attempt + 1`: base·2^(attempt-1), capped, with "equal jitter"
+    (half fixed, half random) so transfers that failed together do not return together."""
+    step = min(cap, base * 2 ** max(0, attempt - 1))
+    return float(step / 2 + secrets.SystemRandom().random() * step / 2)
+
+
+def run_transfer(lease: Lease, ctx: TransferContext) -> None:
+    """One attempt at the leased job. Raises PermanentError to fail it, LeaseLostError."""
+    job, settings = lease.job, ctx.settings
+    destination = parse_destination(job.destination, settings)
+    source, size = Path(job.payload["path"]), int(job.payload["bytes"])
+    remote = destination.file_path(job.migration_id, job.payload["file_name"])
+    attempt = Attempt.start(ctx.engine, ctx.leases, lease)
+    try:
+        check_source(source, size, job.archive_id)
+        host = ctx.hosts.get(job.destination)
+        host.run(["mkdir", "-p", "--", posixpath.dirname(remote)],
+                 timeout=settings.ssh_connect_timeout + 30)
+        attempt.stats = send(ctx, lease, destination, source, remote)
+        digest = sha256_at(destination, host, remote, size, settings)
+        if digest != job.payload["sha256"]:
+            # rsync's quick check or --append would keep a damaged copy forever: remove it
+            host.run(["rm", "-f", "--", remote], timeout=settings.ssh_connect_timeout + 30)
+            reason = (f"sha256 at {destination.address}:{remote} is {digest}, the archive's is "
+                      f"{job.payload['sha256']}; removed it")
+            if job.verify_failures == 0:
+                log.warning("transfer %s: %s, sending it again from zero", job.id, reason)
+                attempt.give_back(0.0, reason, "sha256_mismatch", verify_failures=1)
+                return
+            raise ChecksumMismatchError(f"{reason}, again after a resend from zero (is the "
+                                        f"staging file {source} itself damaged?)")
+    except PermanentError as error:
+        attempt.end("failed", error)
+        raise
+    except TransientError as error:
+        retry(attempt, lease, error, settings)
+        return
+    complete(ctx, lease, attempt, destination, remote, digest)
+
+
+def retry(attempt: Attempt, lease: Lease, error: TransientError, settings: Settings) -> None:
+    """Give the job back for a later attempt; after the last one, fail it."""
+    attempts = int(lease.job.attempts)
+    if isinstance(error, TransferInterruptedError):  # a restart is not a failed attempt
+        attempt.give_back(0.0, error, "interrupted", attempts=attempts - 1)
+        return
+    if attempts >= settings.transfer_attempts:
+        attempt.end("failed", error)
+        raise PermanentError(f"gave up after {attempts} attempts; the last: {error}") from error
+    delay = backoff(attempts, settings.transfer_backoff_seconds,
+                    settings.transfer_backoff_max_seconds)
+    log.warning("transfer %s: attempt %d failed, again in %.1fs: %s", lease.job_id, attempts,
+                delay, error)
+    attempt.give_back(delay, error, "retry")
+
+
+def check_source(source: Path, size: int, archive_id: str) -> None:
+    """Raises PermanentError when the staging file is gone or not the recorded size."""
+    try:
+        actual = source.stat().st_size
+    except OSError as error:
+        raise PermanentError(f"archive {archive_id}: staging file {source} is unreadable: "
+                             f"{error.strerror}") from error
+    if actual != size:
+        raise PermanentError(f"archive {archive_id}: staging file {source} has {actual} bytes, "
+                             f"archive.completed recorded {size}")
+
+
+def send(ctx: TransferContext, lease: Lease, destination: Destination, source: Path,
+         remote: str) -> dict[str, int]:
+    """Run rsync with progress reporting; its --stats. Raises RsyncError, RsyncFailedError,
+    HostKeyError, TransferInterruptedError, LeaseLostError."""
+    settings, ssh = ctx.settings, None
+    if not destination.is_local:
+        key, known_hosts = ssh_identity(settings)
+        ssh = rsync.ssh_command(key=key, known_hosts=known_hosts, port=destination.port,
+                                connect_timeout=settings.ssh_connect_timeout)
+    argv = rsync.rsync_argv(source, destination.rsync_target(remote), ssh=ssh,
+                            timeout_seconds=settings.transfer_timeout_seconds,
+                            bwlimit_kbps=settings.transfer_bwlimit_kbps)
+    reporter = ProgressReporter(ctx.uow, ctx.leases, lease, settings.transfer_progress_seconds)
+
+    def on_progress(progress: rsync.Progress) -> None:
+        if ctx.stopping.is_set():
+            raise TransferInterruptedError("the transfer service is stopping")
+        reporter.update(progress)
+
+    output = rsync.RsyncOutput(on_progress=on_progress)
+    try:
+        LocalExecutor("rsync").run(argv, sink=output.feed)
+    except UnexpectedExit as error:
+        raise rsync.classify(error.exited, error.stderr_tail) from error
+    output.close()
+    return output.stats
+
+
+def sha256_at(destination: Destination, host: Host, path: str, size: int,
+              settings: Settings) -> str:
+    """The sha256 of the file at the destination (sha256sum over SSH, or hashlib here)."""
+    if destination.is_local:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as error:
+            raise TransientError(f"cannot read {path} to hash it: {error}") from error
+        return digest.hexdigest()
+    for hasher in HASHERS:
+        result = host.run([*hasher, path], ok_exits=(0, 127),
+                          timeout=settings.transfer_timeout_seconds + size / HASH_BYTES_PER_S)
+        if result.exited == 127:
+            continue  # not installed there: the next one
+        match = _DIGEST.match(result.stdout)
+        if match is None:
+            raise TransientError(f"{hasher[0]} at {destination.address} printed "
+                                 f"{result.stdout[:200]!r}, not a sha256")
+        return match[1].decode()
+    raise PermanentError(f"{destination.address} has neither openssl nor sha256sum to check "
+                         f"{path} with")
+
+
+def complete(ctx: TransferContext, lease: Lease, attempt: Attempt, destination: Destination,
+             remote: str, digest: str) -> None:
+    """Finish the job, mark its requests transferred, announce it, in one transaction."""
+    job = lease.job
+    # from the first attempt's start: retries and their waits count, as the operator waited
+    duration = max(time.time() - attempt.first_started(), 1e-6)
+    size = int(job.payload["bytes"])
+    result = {"destination": f"{destination.address}:{remote}" if destination.host else remote,
+              "bytes": size, "duration_s": round(duration, 3),
+              "mb_per_s": round(size / duration / 1e6, 3), "sha256": digest,
+              "attempt_stats": attempt.stats}
+    with ctx.uow() as uow:
+        ledger.lock_migration(uow.connection, job.migration_id)
+        ctx.leases.finish(uow.connection, lease.job_id, lease.owner, result=result,
+                          bytes_done=size, eta_seconds=0.0, error=None)
+        attempt.record(uow.connection, "transferred")
+        row = uow.connection.execute(select(transfers).where(transfers.c.id == job.id)).one()
+        ledger.announce_transferred(uow.connection, uow.outbox, row, result)
+        uow.commit()
+    log.info("transfer %s: %s verified at %s (%.1f MB/s)", job.id, job.archive_id,
+             result["destination"], result["mb_per_s"])
+
+
+def fail_transfer(lease: Lease, error: BaseException, ctx: TransferContext) -> None:
+    """The job failed for good: transfer.failed for each of its requests, the migration too."""
+    with ctx.uow() as uow:
+        ledger.lock_migration(uow.connection, lease.job.migration_id)
+        ctx.leases.finish(uow.connection, lease.job_id, lease.owner, state=FAILED,
+                          error=str(error)[-4000:])
+        row = uow.connection.execute(select(transfers).where(transfers.c.id == lease.job_id)).one()
+        ledger.announce_failed(uow.connection, uow.outbox, row, str(error))
+        uow.commit()
+
+
+class TransferWorker(JobWorker):
+    """Job threads on `transfers`; stopping also stops the rsyncs they run."""
+
+    def __init__(self, ctx: TransferContext, concurrency: int) -> None:
+        settings = ctx.settings
+        super().__init__(ctx.leases, lambda lease: run_transfer(lease, ctx),
+                         fail=lambda lease, error: fail_transfer(lease, error, ctx),
+                         name="transfer-jobs", concurrency=concurrency,
+                         poll_seconds=settings.job_poll_seconds,
+                         max_attempts=settings.transfer_attempts,
+                         retry_delays=settings.retry_delays)
+        self.ctx = ctx
+
+    def stop(self) -> None:
+        self.ctx.stopping.set()
+        super().stop()
+        self.ctx.hosts.close_all()
+
+
+def destination_pool(settings: Settings) -> HostPool:
+    """Hosts for recorded destinations, one connection each, opened on first use."""
+    return HostPool(lambda text: open_host(parse_destination(text, settings), settings))

@@ -1,0 +1,192 @@
+"""The transfer service as real processes on RabbitMQ + PostgreSQL: a worker SIGKILLed
+mid-transfer is replaced, and the migration completes exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import select as io_select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Queue
+from sqlalchemy import Engine, select
+
+from services.transfer.jobs import TransferLeases
+from services.transfer.tables import transfer_attempts, transfers
+from shared.bus import connect
+from shared.db import make_engine, upgrade
+from shared.jobs import new_job_values
+from shared.topology import EVENTS_EXCHANGE
+from tests.integration.test_transfer import MiB, Migration, make_archive, sha256_of
+from tests.support.helpers import wait_for
+from tests.support.sshd import SshServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SshServer]:
+    with SshServer() as sshd:
+        yield sshd
+
+
+class TransferProcess:
+    """`python -m services.transfer` as a real process, ended only by its own PID."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="transfer-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.transfer"], env={**os.environ, **env}, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
+        ready, _, _ = io_select.select([self.process.stdout], [], [], 60)
+        line = self.process.stdout.readline() if ready and self.process.stdout else ""
+        if "running" not in line:
+            self.kill()
+            raise AssertionError(f"transfer did not start: {Path(self.log.name).read_text()}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[TransferProcess]]:
+    started: list[TransferProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def job(engine: Engine, archive_id: str) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(
+            select(transfers).where(transfers.c.archive_id == archive_id)).first()
+
+
+def rsync_running_for(path: Path) -> list[int]:
+    """PIDs whose command line names `path` (an rsync a dead worker would have left)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_worker_killed_mid_transfer_is_replaced_and_migration_completes_once(
+    server: SshServer, tmp_path: Path, rabbit_url: str, pg_url: str,
+    processes: list[TransferProcess],
+) -> None:
+    # Given a migration of three requests: r1 and r2 share a 48 MiB archive, r3 has a small one
+    big, big_sha = make_archive(tmp_path, 48 * MiB, "big.tar.zst")
+    small, small_sha = make_archive(tmp_path, 1 * MiB, "small.tar.zst")
+    root = tmp_path / "new-site"
+    env = {
+        "FERRY_BROKER_URL": rabbit_url, "FERRY_TRANSFER_DATABASE_URL": pg_url,
+        "FERRY_DESTINATION": f"{server.user}@{server.host}:{server.port}:{root}",
+        "FERRY_SSH_KEY_PATH": str(server.user_key_path),
+        "FERRY_SSH_KNOWN_HOSTS_PATH": str(server.known_hosts_path),
+        "FERRY_LEASE_SECONDS": "2", "FERRY_JOB_POLL_SECONDS": "0.1",
+        "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_TRANSFER_BWLIMIT_KBPS": "8192",
+        "FERRY_TRANSFER_PROGRESS_SECONDS": "0.5", "FERRY_TRANSFER_BACKOFF_SECONDS": "0.2",
+        "FERRY_STATE_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT),
+    }
+    engine = make_engine(pg_url)
+    with connect(rabbit_url) as connection:
+        channel = connection.channel()
+        watch = Queue("watch-transfer", EVENTS_EXCHANGE, routing_key="#")(channel)
+        watch.declare()
+        first = TransferProcess(env)
+        processes.append(first)
+        migration = Migration(rabbit_url)
+        migration.resolve("r1", "r2", "r3")
+        migration.archive("r1", "big", big, big_sha)
+        migration.archive("r3", "small", small, small_sha)
+        # When the worker is SIGKILLed while the big archive is about 40 % sent
+        wait_for(lambda: (job(engine, "big") is not None
+                          and job(engine, "big").bytes_done >= 0.4 * 48 * MiB),
+                 timeout=40, what="big archive 40 % sent")
+        owner = job(engine, "big").lease_owner
+        first.kill()
+        # Then its rsync died with it (nothing keeps writing into the partial file)
+        wait_for(lambda: not rsync_running_for(big), timeout=10, what="orphan rsync gone")
+        # And the request sharing the archive arrives meanwhile
+        migration.archive("r2", "big", big, big_sha)
+        # When another worker starts, it takes the job over after the lease and completes it
+        processes.append(TransferProcess(env))
+        wait_for(lambda: job(engine, "big").state == "done", timeout=60, what="big done")
+        done = job(engine, "big")
+        a = transfer_attempts
+        with engine.connect() as db:
+            runs = db.execute(select(a).where(a.c.job_id == done.id).order_by(a.c.attempt)).all()
+        assert [(r.owner == owner, r.outcome) for r in runs] == [
+            (True, "abandoned"), (False, "transferred")]
+        assert runs[1].bytes_sent < 0.75 * 48 * MiB  # resumed, not restarted
+        assert sha256_of(root / migration.id / big.name) == big_sha
+        assert sha256_of(root / migration.id / small.name) == small_sha
+        # And each request is announced transferred once, the migration completed once
+        seen: list[tuple[str, dict[str, Any]]] = []
+
+        def drain() -> bool:
+            while (message := watch.get(no_ack=True)) is not None:
+                body = json.loads(message.body)
+                seen.append((body["type"], body["payload"]))
+            return any(kind == "migration.completed" for kind, _ in seen)
+
+        wait_for(drain, timeout=30, what="migration.completed published")
+        time.sleep(1.0)  # room for a duplicate to show up
+        drain()
+        completed = sorted(p["request_id"] for kind, p in seen if kind == "transfer.completed")
+        assert completed == ["r1", "r2", "r3"]
+        assert [p for kind, p in seen if kind == "migration.completed"] == [
+            {"archives": 2, "bytes": 49 * MiB}]
+        channel.close()
+    engine.dispose()
+
+
+def test_parallel_limit_holds_when_many_workers_claim_at_once_on_postgres(pg_url: str) -> None:
+    # Given six pending transfers to one destination, and a limit of two at a time
+    engine = make_engine(pg_url)
+    upgrade(engine, "transfer")
+    with engine.begin() as connection:
+        for index in range(6):
+            connection.execute(transfers.insert().values(new_job_values(
+                f"job-{index}", "m-1", "shared_fs", {}, archive_id=f"a{index}",
+                destination="root@h:/d", verify_failures=0)))
+    leases = TransferLeases(engine, lease_seconds=30, max_parallel=2)
+    # When eight workers claim at the same moment
+    barrier = threading.Barrier(8)
+    claimed: list[object] = []
+
+    def claim(index: int) -> None:
+        barrier.wait()
+        claimed.append(leases.claim(f"worker-{index}"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then exactly two got a job
+    assert sum(row is not None for row in claimed) == 2
+    engine.dispose()
