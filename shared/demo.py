@@ -13,6 +13,7 @@ import secrets
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class Outcome:
+    """How a migration run ended, as intake reports it."""
+
+    migration_id: str | None
+    status: dict[str, Any]
+    stats: dict[str, Any]
+    refused: str | None = None
+
+
+def start_services(settings: Settings) -> list[Any]:
+    """Every service of the pipeline in this process (one archiver, for DATACENTER)."""
+    services = [importlib.import_module(f"services.{name}.bootstrap").bootstrap(
+        settings, datacenter=DATACENTER) for name in SERVICES]
+    for service in services:
+        service.start()
+    return services
+
+
+def migrate(settings: Settings, document: bytes, console: Console, *,
+            timeout: float = 1800.0, live: bool = True) -> Outcome:
+    """POST the document to intake's API and follow it until it completes or fails."""
+    headers = {"Authorization": f"Bearer {settings.api_token}"}
+    with httpx.Client(base_url=f"http://{settings.intake_bind}", headers=headers,
+                      timeout=30) as client:
+        response = client.post("/migrations", content=document,
+                               headers={"Content-Type": "application/json"})
+        if response.status_code != 202:
+            return Outcome(None, {}, {}, refused=f"{response.status_code} {response.text}")
+        migration_id = str(response.json()["id"])
+        console.print(f"submitted {migration_id} through {client.base_url}migrations")
+        status = _follow(client, migration_id, console, timeout, live)
+        console.print()
+        stats = client.get(f"/migrations/{migration_id}/stats").json()
+    return Outcome(migration_id, status, stats)
+
+
 def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
              mysql_url: str | None = "127.0.0.1:3306", timeout: float = 1800.0,
              keep_source_database: bool = False) -> int:
@@ -128,35 +166,23 @@ def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
     if why_no_db:
         console.print(f"[yellow]database left out: {why_no_db}[/]")
     settings = demo_settings(workdir, site, mysql_url)
-    services = [importlib.import_module(f"services.{name}.bootstrap").bootstrap(
-        settings, datacenter=DATACENTER) for name in SERVICES]
-    for service in services:
-        service.start()
-    base = f"http://{settings.intake_bind}"
-    headers = {"Authorization": f"Bearer {settings.api_token}"}
+    services = start_services(settings)
     try:
-        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-            document = (workdir / "migration.json").read_bytes()
-            response = client.post("/migrations", content=document,
-                                   headers={"Content-Type": "application/json"})
-            if response.status_code != 202:
-                console.print(f"[red]intake refused the document: {response.status_code} "
-                              f"{response.text}[/]")
-                return 1
-            migration_id = response.json()["id"]
-            console.print(f"submitted {migration_id} through {base}/migrations")
-            status = _follow(client, migration_id, console, timeout)
-            console.print()
-            stats = client.get(f"/migrations/{migration_id}/stats").json()
+        outcome = migrate(settings, (workdir / "migration.json").read_bytes(), console,
+                          timeout=timeout)
+        if outcome.refused or outcome.migration_id is None:
+            console.print(f"[red]intake refused the document: {outcome.refused}[/]")
+            return 1
+        status = outcome.status
         if status.get("allocations"):
             console.print(allocations_table(status["allocations"]))
         render = importlib.import_module("services.intake.stats").render_stats
-        console.print(render(stats, wall_seconds=time.monotonic() - started))
+        console.print(render(outcome.stats, wall_seconds=time.monotonic() - started))
         if status["status"] != "completed":
             console.print(f"[red]migration {status['status']}: {status.get('reason')}[/]")
             return 1
-        verified = verify_destination(Path(settings.destination or "") / migration_id, status,
-                                      console)
+        verified = verify_destination(
+            Path(settings.destination or "") / outcome.migration_id, status, console)
         console.print(f"total wall time {time.monotonic() - started:.1f}s")
         return 0 if verified else 1
     finally:
@@ -170,10 +196,11 @@ def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
 
 
 def _follow(client: httpx.Client, migration_id: str, console: Console,
-            timeout: float) -> dict[str, Any]:
+            timeout: float, show: bool = True) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {"id": migration_id, "status": "submitted", "jobs": []}
-    with Live(progress_table(status), console=console, refresh_per_second=4) as live:
+    with Live(progress_table(status), console=console, refresh_per_second=4,
+              transient=not show) as live:
         while time.monotonic() < deadline:
             status = client.get(f"/migrations/{migration_id}").json()
             live.update(progress_table(status))

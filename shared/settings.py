@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     source_nice: bool = True
     zstd_level: int = Field(default=3, ge=1, le=19)
     gzip_level: int = Field(default=2, ge=0, le=3)  # ISA-L levels; 2 is its speed/size sweet spot
-    compression_threads: int = Field(default=0, ge=0)  # 0: every core of the archiver host
+    # 0: every core of the archiver host; 1: zstd compresses in the streaming thread itself
+    compression_threads: int = Field(default=0, ge=0)
     archive_progress_seconds: float = Field(default=5.0, gt=0)
     # How mysqldump / pg_dump on the replica connect (None: the client's defaults there).
     source_db_user: str | None = None

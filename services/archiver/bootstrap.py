@@ -1,8 +1,16 @@
-"""Wiring for an archiver worker: one datacenter's queue, its database, its handlers."""
+"""Wiring for an archiver worker: one datacenter's queue, its database, its handlers, and the
+job worker threads that make that datacenter's archives (and only that datacenter's)."""
 
 from __future__ import annotations
 
-from services.archiver.handlers import HANDLERS
+from typing import Any
+
+from services.archiver.handlers import HANDLERS, fail_request
+from services.archiver.jobs import Archiver
+from services.archiver.tables import archive_jobs
+from shared.addresses import host_pool
+from shared.envelope import Envelope
+from shared.jobs import JobWorker, Leases
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name
@@ -14,6 +22,27 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
               concurrency: int | None = None) -> Service:
     """Raises ValueError when no datacenter is given (here or as FERRY_DATACENTER)."""
     dc = datacenter or settings.datacenter
-    name = queue_name(NAME, dc)
-    return Service(NAME, settings, open_database(settings, NAME),
-                   QueueSpec(name, routing_keys(HANDLERS, dc)), HANDLERS)
+    name = queue_name(NAME, dc)  # raises without a datacenter
+    assert dc is not None  # noqa: S101 (queue_name checked it)
+    engine = open_database(settings, NAME)
+    archiver = Archiver(settings, engine, dc, host_pool(settings))
+    worker = JobWorker(
+        Leases(engine, archive_jobs, settings.lease_seconds), archiver.run, fail=archiver.fail,
+        name=f"archiver-{dc}", concurrency=concurrency or settings.concurrency,
+        poll_seconds=settings.job_poll_seconds, max_attempts=settings.max_attempts,
+        retry_delays=settings.retry_delays,
+        where=lambda: archive_jobs.c.datacenter == dc)
+    service: Service
+
+    def on_failure(event: Any, envelope: Envelope, error: BaseException) -> None:
+        fail_request(event, envelope, error, uow=service.uow())
+
+    service = Service(NAME, settings, engine, QueueSpec(name, routing_keys(HANDLERS, dc)),
+                      HANDLERS, on_failure=on_failure, workers=[worker])
+    archiver.on_commit = service.wake
+
+    def sweep() -> None:
+        archiver.sweep_partials()  # what a worker killed here left, its job since finished
+
+    service.on_start.append(sweep)
+    return service

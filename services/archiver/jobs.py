@@ -1,0 +1,224 @@
+"""The archive job: stream a source from its host, compress it here, seal it, answer requests.
+
+Run by a `shared.jobs.JobWorker` under a lease. Every write to the job row is guarded by the
+lease; the rename to the final name happens inside the transaction that marks the job done,
+while that transaction holds the row, so a worker that lost its lease never seals a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from services.archiver.compress import (
+    EXTENSIONS,
+    ArchiveFile,
+    ArchiveWriter,
+    remove_partials,
+    seal,
+)
+from services.archiver.records import (
+    complete_waiting,
+    fail_waiting,
+    failure_details,
+    waiting_requests,
+)
+from services.archiver.replicas import Replica
+from services.archiver.sources import (
+    TAR_CHANGED,
+    ArchiveOrder,
+    SourceCommand,
+    dump_command,
+    filesystem_command,
+    validate_order,
+)
+from services.archiver.tables import archive_jobs
+from shared.contracts import ArchiveProgress
+from shared.errors import UnexpectedExit
+from shared.hosts import Host, HostPool
+from shared.inbox_outbox import UnitOfWork
+from shared.jobs import FAILED, RUNNING, Lease
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WARNING_LINES = 20  # of tar's stderr kept as warnings
+
+
+class Archiver:
+    """Makes archives for one datacenter: `run` is the JobWorker's work, `fail` its failure."""
+
+    def __init__(self, settings: Settings, engine: Engine, datacenter: str, hosts: HostPool,
+                 on_commit: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.datacenter = datacenter
+        self.hosts = hosts
+        self.on_commit = on_commit
+        # absolute: archive.completed's path is read by other processes on this host
+        self.staging = (settings.staging_dir / datacenter).absolute()
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.engine, on_commit=self.on_commit)
+
+    def sweep_partials(self) -> list[Path]:
+        """At start: delete this host's partial files of archives no one is making any more
+        (finished, failed, waiting to start, or gone). A running job's partial stays: its
+        next attempt removes it (remove_partials), wherever that attempt runs."""
+        if not self.staging.is_dir():
+            return []
+        leftovers = {p: p.name.split(".", 1)[0] for p in self.staging.glob("*.partial")}
+        with self.engine.connect() as connection:
+            running = set(connection.execute(select(archive_jobs.c.id).where(
+                archive_jobs.c.id.in_(set(leftovers.values())),
+                archive_jobs.c.state == RUNNING)).scalars())
+        swept = [path for path, archive_id in leftovers.items() if archive_id not in running]
+        for path in swept:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: no attempt is writing it", path)
+        return swept
+
+    def run(self, lease: Lease) -> None:
+        """Archive the leased job's source. Raises what the host, the source or the lease
+        raise: TransientError is retried by the worker, PermanentError fails the job."""
+        order = ArchiveOrder.model_validate(lease.job.payload)
+        validate_order(order)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_partials(self.staging, lease.job_id):
+            log.info("%s: removed %s left by an earlier attempt", lease.job_id, leftover.name)
+        started = time.time()
+        with self.engine.begin() as connection:
+            lease.leases.update(connection, lease.job_id, lease.owner, started_at=started,
+                                bytes_done=0)
+        host = self.hosts.get(order.source.host)
+        warnings: list[str] = []
+        position: dict[str, Any] | None = None
+        archive: ArchiveFile | None = None
+        try:
+            if order.kind == "database":
+                replica = Replica(host, order.source, self.settings)
+                with replica.held(order.source.pause_replication, warnings) as position:
+                    archive = self._stream(lease, host,
+                                           dump_command(order.source, self.settings), warnings)
+            else:
+                data_dir = self._data_dir(host, order, warnings)
+                command = filesystem_command(order, self.settings, data_dir)
+                archive = self._stream(lease, host, command, warnings)
+            self._complete(lease, archive, started, warnings, position)
+        except BaseException:
+            if archive is not None:  # not sealed: remove it (a sealed one whose commit
+                # failed stays, and the next attempt replaces it)
+                archive.path.unlink(missing_ok=True)
+            raise
+
+    def _data_dir(self, host: Host, order: ArchiveOrder, warnings: list[str]) -> str | None:
+        """A server root's database directory, asked of the server itself: never archived.
+        Raises UnexpectedExit when it cannot be asked and the inventory named no excludes."""
+        if order.kind != "db_server_root" or order.source.engine is None:
+            return None
+        try:
+            return Replica(host, order.source, self.settings).data_dir()
+        except UnexpectedExit as error:
+            if not order.source.excludes:
+                raise
+            warnings.append(f"could not ask {host.name} for its data directory "
+                            f"({error.stderr_tail.strip()[-200:]}); left out only "
+                            f"{', '.join(order.source.excludes)}")
+            return None
+
+    def _stream(self, lease: Lease, host: Host, command: SourceCommand,
+                warnings: list[str]) -> ArchiveFile:
+        compression = self.settings.compression
+        name = f"{lease.job_id}.{command.extension}.{EXTENSIONS[compression]}"
+        partial = self.staging / f"{name}.{uuid.uuid4().hex[:8]}.partial"
+        writer = ArchiveWriter(partial, compression, zstd_level=self.settings.zstd_level,
+                               gzip_level=self.settings.gzip_level,
+                               threads=self.settings.compression_threads)
+        progress = _ProgressReporter(self, lease)
+
+        def sink(chunk: bytes) -> None:
+            writer.write(chunk)
+            lease.progress(bytes_done=writer.raw_bytes)
+            lease.check()  # taken over by another worker: stop streaming now
+            progress.tick(writer.raw_bytes)
+
+        try:
+            result = host.run(command.argv, sink=sink, ok_exits=command.ok_exits,
+                              timeout=self.settings.command_timeout)
+            archive = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if result.exited == TAR_CHANGED:
+            lines = [line for line in result.stderr_tail.splitlines() if line.strip()]
+            warnings.append(f"tar exited 1 (files changed while being read): "
+                            f"{'; '.join(lines[-WARNING_LINES:]) or 'no message'}")
+        return ArchiveFile(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256)
+
+    def _complete(self, lease: Lease, archive: ArchiveFile, started: float,
+                  warnings: list[str], position: dict[str, Any] | None) -> None:
+        final = self.staging / archive.path.name.rsplit(".", 2)[0]
+        with self.uow() as uow:
+            lease.leases.finish(
+                uow.connection, lease.job_id, lease.owner, file_path=str(final),
+                raw_bytes=archive.raw_bytes, compressed_bytes=archive.compressed_bytes,
+                sha256=archive.sha256, started_at=started, finished_at=time.time(),
+                warnings=warnings, replication_position=position, bytes_done=archive.raw_bytes,
+                error=None, result={"worker": lease.owner, "datacenter": self.datacenter})
+            seal(archive.path, final)  # the row is ours until commit: no one else seals it
+            job = uow.connection.execute(
+                select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
+            answered = complete_waiting(uow, job)
+            uow.commit()
+        log.info("archive %s done: %s, %d raw bytes -> %d, %d request(s) answered",
+                 lease.job_id, final, archive.raw_bytes, archive.compressed_bytes, answered)
+
+    def fail(self, lease: Lease, error: BaseException) -> None:
+        """Mark the job failed and send archive.failed to every waiting request.
+        Raises LeaseLostError when the job is no longer ours."""
+        details = failure_details(error, lease.job.source_host)
+        with self.uow() as uow:
+            lease.leases.finish(uow.connection, lease.job_id, lease.owner, state=FAILED,
+                                error=str(error)[-4000:], result=details,
+                                finished_at=time.time())
+            job = uow.connection.execute(
+                select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
+            fail_waiting(uow, job, f"{type(error).__name__}: {error}", details)
+            uow.commit()
+
+
+class _ProgressReporter:
+    """archive.progress to every waiting request, at most every archive_progress_seconds."""
+
+    def __init__(self, archiver: Archiver, lease: Lease) -> None:
+        self.archiver = archiver
+        self.lease = lease
+        self.started = self.last = time.monotonic()
+        self.every = archiver.settings.archive_progress_seconds
+
+    def tick(self, bytes_done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = bytes_done / 1e6 / max(now - self.started, 1e-6)
+        try:
+            self._emit(bytes_done, rate)
+        except Exception as error:  # noqa: BLE001 - progress is advisory: never fail the archive
+            log.warning("archive %s: progress not recorded: %s", self.lease.job_id, error)
+
+    def _emit(self, bytes_done: int, rate: float) -> None:
+        with self.archiver.uow() as uow:
+            for request in waiting_requests(uow.connection, self.lease.job_id):
+                uow.outbox.add(ArchiveProgress(
+                    datacenter=self.archiver.datacenter, request_id=request.request_id,
+                    stage="archive", bytes_done=bytes_done, mb_per_s=round(rate, 1)),
+                    migration_id=request.migration_id)
+            uow.commit()
+

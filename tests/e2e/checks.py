@@ -1,0 +1,125 @@
+"""What "arrived intact" means: every archive at the destination, extracted, equals its
+source tree; every database dump, restored, equals its source rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pymysql
+from sqlalchemy import create_engine, select
+
+from services.archiver.sources import ROOT_EXCLUDES
+from services.intake.tables import migration_jobs
+from tests.support.trees import describe
+
+
+def jobs_of(intake_db_url: str, migration_id: str) -> list[Any]:
+    engine = create_engine(intake_db_url)
+    with engine.connect() as connection:
+        rows = connection.execute(select(migration_jobs).where(
+            migration_jobs.c.migration_id == migration_id)).all()
+    engine.dispose()
+    return list(rows)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _decompress(path: Path) -> list[str]:
+    return ["zstd", "-dcq", str(path)] if path.suffix == ".zst" else ["gzip", "-dc", str(path)]
+
+
+def _excluded(rel: str, excludes: list[str], contents_of: list[str]) -> bool:
+    return (any(rel == e or rel.startswith(e + "/") for e in excludes)
+            or any(rel.startswith(e + "/") for e in contents_of))
+
+
+def check_tree(archive: Path, source: Path, excludes: list[str], scratch: Path,
+               contents_of: tuple[str, ...] = ()) -> None:
+    """Extract `archive` and compare it entry by entry with `source`, less `excludes` and
+    the contents (not the directories) of `contents_of`."""
+    out = scratch / uuid.uuid4().hex
+    out.mkdir(parents=True)
+    decompress = subprocess.Popen(_decompress(archive), stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-xpf", "-", "-C", str(out), "--numeric-owner"],
+                   stdin=decompress.stdout, check=True)
+    assert decompress.wait() == 0
+    wanted = [e.strip("/").removeprefix("./") for e in excludes]
+    emptied = [e.strip("/") for e in contents_of]
+    expected = {rel: entry for rel, entry in describe(source).items()
+                if rel != "." and not _excluded(rel, wanted, emptied)}
+    got = {rel: entry for rel, entry in describe(out).items() if rel != "."}
+    missing = sorted(set(expected) - set(got))[:5]
+    extra = sorted(set(got) - set(expected))[:5]
+    assert not missing and not extra, f"{archive.name}: missing {missing}, extra {extra}"
+    different = [rel for rel in expected if expected[rel] != got[rel]][:5]
+    assert not different, f"{archive.name}: differs at {different}"
+
+
+def dump_rows(database: str, mysql_host: str = "127.0.0.1") -> dict[str, list[Any]]:
+    connection = pymysql.connect(host=mysql_host, user="root", database=database)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        tables = [row[0] for row in cursor.fetchall()]
+        rows = {}
+        for table in tables:
+            cursor.execute(f"SELECT * FROM `{table}` ORDER BY 1")  # noqa: S608 - SHOW TABLES names
+            rows[table] = list(cursor.fetchall())
+    connection.close()
+    return rows
+
+
+def check_database(archive: Path, source_database: str) -> None:
+    """Restore the dump into a fresh database and compare every row with the source's."""
+    restored = f"ferry_restore_{uuid.uuid4().hex[:8]}"
+    connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{restored}`")
+    try:
+        decompress = subprocess.Popen(_decompress(archive), stdout=subprocess.PIPE)
+        subprocess.run(["mysql", "-h", "127.0.0.1", "-u", "root", restored],
+                       stdin=decompress.stdout, check=True)
+        assert decompress.wait() == 0
+        source_rows = dump_rows(source_database)
+        assert source_rows and all(source_rows.values())
+        assert dump_rows(restored) == source_rows
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{restored}`")
+        connection.close()
+
+
+def check_destination(destination: Path, jobs: list[Any], source_database: str | None,
+                      scratch: Path) -> int:
+    """Every job's archive is in `destination` with its sha256 and its source's content.
+    Returns how many archives were checked."""
+    checked: set[str] = set()
+    for job in jobs:
+        assert job.state == "transferred", f"{job.label}: {job.state} {job.errors}"
+        archive = job.archive or {}
+        path = destination / archive["file_name"]
+        assert path.is_file(), f"{job.label}: {path} missing"
+        if path.name in checked:
+            continue
+        checked.add(path.name)
+        assert _sha256(path) == archive["sha256"], f"{job.label}: sha256 differs"
+        source = job.source if isinstance(job.source, dict) else json.loads(job.source)
+        if job.kind == "database":
+            assert source_database, "a database archive without a source database"
+            check_database(path, source_database)
+        else:
+            # a database server's root keeps /proc, /sys … as empty mount points
+            emptied = ROOT_EXCLUDES if job.kind == "db_server_root" else ()
+            check_tree(path, Path(source["path"]), list(source.get("excludes") or []), scratch,
+                       emptied)
+    return len(checked)

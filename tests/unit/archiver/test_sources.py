@@ -1,0 +1,112 @@
+"""Source commands: what runs on the customer's host, and what is refused before it runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.archiver.sources import (
+    ArchiveOrder,
+    SnapshotExport,
+    SourceInvalidError,
+    dump_command,
+    filesystem_command,
+    validate_order,
+)
+from shared.contracts import ArchiveSource
+from shared.errors import PermanentError
+from shared.settings import Settings
+
+
+def order(kind: str, **source: object) -> ArchiveOrder:
+    return ArchiveOrder.model_validate({"kind": kind, "source": {"host": "vm1", **source}})
+
+
+def test_shared_fs_is_a_sorted_numeric_tar_under_nice_and_ionice() -> None:
+    command = filesystem_command(order("shared_fs", path="/data"), Settings())
+
+    assert command.argv == ["nice", "-n", "19", "ionice", "-c3", "-t", "tar", "-C", "/data",
+                            "--sort=name", "--numeric-owner", "--sparse", "-cpf", "-", "."]
+    assert command.ok_exits == (0, 1) and command.extension == "tar"
+
+
+def test_niceness_can_be_turned_off() -> None:
+    command = filesystem_command(order("shared_fs", path="/data"), Settings(source_nice=False))
+
+    assert command.argv[0] == "tar"
+
+
+def test_server_root_skips_runtime_filesystems_and_the_data_directory_contents() -> None:
+    root = order("db_server_root", path="/", engine="mysql", excludes=("/var/cache/apt",))
+
+    argv = filesystem_command(root, Settings(source_nice=False), "/var/lib/mysql/").argv
+
+    assert "--one-file-system" in argv
+    excludes = [a for a in argv if a.startswith("--exclude=")]
+    assert excludes == ["--exclude=./var/cache/apt", "--exclude=./proc/*", "--exclude=./sys/*",
+                        "--exclude=./dev/*", "--exclude=./run/*", "--exclude=./tmp/*",
+                        "--exclude=./var/lib/mysql/*"]
+    assert argv.index("--anchored") < argv.index(excludes[0])
+    assert argv[-3:] == ["-cpf", "-", "."]
+
+
+def test_mysql_dump_is_one_transaction_with_routines_triggers_events_and_options() -> None:
+    settings = Settings(source_nice=False, source_db_user="backup", source_db_port=3307,
+                        source_db_defaults_file="/etc/ferry/my.cnf")
+    source = ArchiveSource(host="replica", database="foobar_production", engine="mysql")
+
+    command = dump_command(source, settings)
+
+    assert command.argv == ["mysqldump", "--defaults-extra-file=/etc/ferry/my.cnf",
+                            "--port=3307", "--user=backup", "--single-transaction", "--routines",
+                            "--triggers", "--events", "foobar_production"]
+    assert command.extension == "sql"
+
+
+def test_postgresql_group_is_dumped_with_pg_dump() -> None:
+    source = ArchiveSource(host="replica", database="shop", engine="postgresql")
+
+    argv = dump_command(source, Settings()).argv
+
+    assert argv[:6] == ["nice", "-n", "19", "ionice", "-c3", "-t"]
+    assert argv[6:] == ["pg_dump", "--no-password", "--format=plain", "shop"]
+
+
+@pytest.mark.parametrize("name", ["$(touch /tmp/pwned)", "--result-file=/etc/passwd",
+                                  "host=evil dbname=x", "a;b", "", "x" * 65, "new\nline"])
+def test_database_names_that_could_be_read_as_code_or_options_are_refused(name: str) -> None:
+    with pytest.raises(SourceInvalidError, match="not a plain name"):
+        validate_order(order("database", database=name, engine="mysql"))
+
+
+@pytest.mark.parametrize("path", ["data", "", "/data/../etc", "/data\n/etc"])
+def test_paths_that_are_not_plain_absolute_paths_are_refused(path: str) -> None:
+    with pytest.raises(SourceInvalidError, match="path"):
+        validate_order(order("shared_fs", path=path))
+
+
+def test_a_path_with_shell_characters_is_allowed_because_it_is_never_read_by_a_shell() -> None:
+    validate_order(order("shared_fs", path="/data; touch /tmp/pwned"))
+
+
+def test_database_without_engine_is_refused() -> None:
+    with pytest.raises(SourceInvalidError, match="engine"):
+        validate_order(order("database", database="shop"))
+
+
+def test_local_fs_without_snapshot_driver_is_archived_like_a_directory() -> None:
+    snapshot = SnapshotExport(snapshot_id="s1", driver="none", host="local")
+    local = ArchiveOrder(kind="local_fs", source=ArchiveSource(host="local", path="/srv"),
+                         snapshot=snapshot)
+
+    validate_order(local)
+    assert filesystem_command(local, Settings(source_nice=False)).argv[:3] == ["tar", "-C", "/srv"]
+
+
+def test_nbd_snapshot_is_a_clear_permanent_error_until_attach_exists() -> None:
+    snapshot = SnapshotExport(snapshot_id="s1", driver="dm", host="xen1", port=10809)
+    local = ArchiveOrder(kind="local_fs", source=ArchiveSource(host="xen1", device="/dev/vg/lv"),
+                         snapshot=snapshot)
+
+    validate_order(local)
+    with pytest.raises(PermanentError, match="nbd attach not implemented yet"):
+        filesystem_command(local, Settings())
