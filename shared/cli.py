@@ -182,6 +182,9 @@ def demo(
     keep_source_database: Annotated[bool, typer.Option(
         help="leave the sample MariaDB database in place (to compare a restore with it)")
     ] = False,
+    ssh: Annotated[bool, typer.Option(
+        "--ssh", help="reach the old hosts and the destination through an sshd started on "
+                      "127.0.0.1 (needs openssh-server)")] = False,
 ) -> None:
     """Run a whole migration of sample data on the embedded default (one process, memory
     broker, SQLite, local executor); exit 0 only when every archive arrived verified."""
@@ -195,4 +198,4 @@ def demo(
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     mysql_url = os.environ.get("FERRY_DEMO_MYSQL_URL", "127.0.0.1:3306")
     raise typer.Exit(run_demo(workdir, console, size=size, mysql_url=mysql_url,
-                              keep_source_database=keep_source_database))
+                              keep_source_database=keep_source_database, ssh=ssh))

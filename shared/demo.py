@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from shared.demo_site import DATACENTER, DemoSite, build_site, drop_database
+from shared.loopback_sshd import SshServer
 from shared.settings import SERVICES, Settings
 
 FINAL = {"failed", "completed"}
@@ -34,11 +35,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None) -> Settings:
+def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None,
+                  sshd: SshServer | None = None) -> Settings:
     from urllib.parse import urlparse
 
     db = urlparse(mysql_url if mysql_url and "://" in mysql_url else f"mysql://{mysql_url}")
-    return Settings(
+    over_ssh: dict[str, Any] = {}
+    if sshd is not None:
+        over_ssh = {"ssh_key_path": sshd.user_key_path,
+                    "ssh_known_hosts_path": sshd.known_hosts_path, "ssh_user": sshd.user,
+                    "destination": f"{sshd.user}@127.0.0.1:{sshd.port}:"
+                                   f"{workdir / 'destination'}"}
+    values: dict[str, Any] = dict(
         broker_url="memory://", state_dir=workdir / "state", staging_dir=workdir / "staging",
         destination=str(workdir / "destination"), inventory=str(site.inventory_path),
         intake_bind=f"127.0.0.1:{_free_port()}", api_token=secrets.token_urlsafe(24),
@@ -49,6 +57,8 @@ def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None) -> Setti
         archive_progress_seconds=1.0, transfer_progress_seconds=1.0,
         datacenter=DATACENTER,
     )
+    values.update(over_ssh)
+    return Settings(**values)
 
 
 def _bytes(value: float | None) -> str:
@@ -154,18 +164,36 @@ def migrate(settings: Settings, document: bytes, console: Console, *,
 
 def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
              mysql_url: str | None = "127.0.0.1:3306", timeout: float = 1800.0,
-             keep_source_database: bool = False) -> int:
+             keep_source_database: bool = False, ssh: bool = False) -> int:
     """Build the sample site, run the migration, report. Returns the exit status: 0 only
-    when every archive was transferred and verified."""
+    when every archive was transferred and verified. With `ssh`, every old host and the
+    destination are reached through an sshd started on 127.0.0.1 for the run."""
     started = time.monotonic()
     workdir = (workdir or Path(tempfile.mkdtemp(prefix="ferry-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"workdir: {workdir}")
-    with console.status("building the sample old site…"):
-        site, why_no_db = build_site(workdir, size, mysql_url)
-    if why_no_db:
-        console.print(f"[yellow]database left out: {why_no_db}[/]")
-    settings = demo_settings(workdir, site, mysql_url)
+    sshd = SshServer() if ssh else None
+    if sshd is not None:
+        sshd.start()
+        console.print(f"old site and destination reached over ssh: {sshd.user}@127.0.0.1:"
+                      f"{sshd.port}")
+    address = f"{sshd.user}@127.0.0.1:{sshd.port}" if sshd is not None else "local"
+    try:
+        with console.status("building the sample old site…"):
+            site, why_no_db = build_site(workdir, size, mysql_url, address)
+        if why_no_db:
+            console.print(f"[yellow]database left out: {why_no_db}[/]")
+        settings = demo_settings(workdir, site, mysql_url, sshd)
+        return _run_site(workdir, site, settings, console, started, timeout, mysql_url,
+                         keep_source_database)
+    finally:
+        if sshd is not None:
+            sshd.stop()
+
+
+def _run_site(workdir: Path, site: DemoSite, settings: Settings, console: Console,
+              started: float, timeout: float, mysql_url: str | None,
+              keep_source_database: bool) -> int:
     services = start_services(settings)
     try:
         outcome = migrate(settings, (workdir / "migration.json").read_bytes(), console,
@@ -181,8 +209,8 @@ def run_demo(workdir: Path | None, console: Console, *, size: str = "small",
         if status["status"] != "completed":
             console.print(f"[red]migration {status['status']}: {status.get('reason')}[/]")
             return 1
-        verified = verify_destination(
-            Path(settings.destination or "") / outcome.migration_id, status, console)
+        verified = verify_destination(workdir / "destination" / outcome.migration_id, status,
+                                      console)
         console.print(f"total wall time {time.monotonic() - started:.1f}s")
         return 0 if verified else 1
     finally:

@@ -32,6 +32,7 @@ class DemoSite:
     sources: dict[str, Path] = field(default_factory=dict)  # archive label -> local path
     inventory_path: Path | None = None
     document_path: Path | None = None
+    address: str = "local"  # how every old host is reached: the local executor, or an sshd
 
     @property
     def source(self) -> Path:
@@ -116,7 +117,7 @@ def inventory(site: DemoSite) -> dict[str, Any]:
     for index in range(APP_VMS[site.size]):
         root = site.source / "vms" / old_vm(index) / "root"
         vms[old_vm(index)] = {
-            "datacenter": DATACENTER, "xen_host": "xen-demo", "ssh": "local",
+            "datacenter": DATACENTER, "xen_host": "xen-demo", "ssh": site.address,
             "filesystems": [{"mountpoint": "/", "device": f"/dev/vg_demo/{old_vm(index)}-root",
                              "fs_type": "ext4", "used_bytes": _du(root),
                              "size_bytes": 16 << 30, "snapshot_driver": "none",
@@ -124,11 +125,12 @@ def inventory(site: DemoSite) -> dict[str, Any]:
         }
     data = site.source / "envs" / OLD_ENV / "data"
     databases = {site.database: {"size_bytes": 0}} if site.database else {}
-    server = {"datacenter": DATACENTER, "engine": "mysql", "version": "5.0.51", "ssh": "local",
+    server = {"datacenter": DATACENTER, "engine": "mysql", "version": "5.0.51",
+              "ssh": site.address,
               "databases": databases, "data_dir": "/var/lib/mysql"}
     return {
         "datacenters": {DATACENTER: {"archive_hosts": ["local"]}},
-        "xen_hosts": {"xen-demo": {"datacenter": DATACENTER, "address": "local"}},
+        "xen_hosts": {"xen-demo": {"datacenter": DATACENTER, "address": site.address}},
         "vms": vms,
         "environments": {OLD_ENV: {
             "datacenter": DATACENTER, "vms": list(vms),
@@ -183,10 +185,11 @@ def document(site: DemoSite) -> dict[str, Any]:
     }
 
 
-def build_site(workdir: Path, size: str, mysql_url: str | None) -> tuple[DemoSite, str | None]:
-    """Everything under workdir/source plus inventory.yaml and migration.json. Returns the
-    site and, when the database was left out, why."""
-    site = DemoSite(workdir=workdir, size=size)
+def build_site(workdir: Path, size: str, mysql_url: str | None,
+               address: str = "local") -> tuple[DemoSite, str | None]:
+    """Everything under workdir/source plus inventory.yaml and migration.json (every old
+    host at `address`). Returns the site and, when the database was left out, why."""
+    site = DemoSite(workdir=workdir, size=size, address=address)
     build_trees(site)
     why_no_db = build_database(site, mysql_url) if mysql_url else "no MariaDB URL given"
     site.inventory_path = workdir / "inventory.yaml"
