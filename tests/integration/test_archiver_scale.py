@@ -6,13 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +31,7 @@ from tests.integration.test_archiver import (
     sshd,
 )
 from tests.support.helpers import wait_for
+from tests.support.processes import ChildProcess, children
 from tests.support.sshd import SshServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,40 +112,10 @@ def test_two_datacenters_two_workers_each_run_every_job_in_its_datacenter_once(
     assert {b["migration_id"] for b in big} == {f"m-big-{i}" for i in range(5)}
 
 
-class ArchiverProcess:
+def ArchiverProcess(settings_env: dict[str, str], log: Path) -> ChildProcess:  # noqa: N802
     """`python -m services.archiver` as a real process, ended only by its own PID."""
-
-    def __init__(self, settings_env: dict[str, str], log: Path) -> None:
-        self.log = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.archiver", "--datacenter", "dck",
-             "--concurrency", "1"],
-            env={**os.environ, "PYTHONPATH": str(ROOT), **settings_env}, cwd=ROOT,
-            stdout=self.log, stderr=self.log)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[ArchiverProcess]]:
-    started: list[ArchiverProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
+    return ChildProcess("services.archiver", "--datacenter", "dck", "--concurrency", "1",
+                        env=settings_env, log=log)
 
 
 def test_worker_killed_mid_archive_is_taken_over_and_leaves_no_partial_file(
@@ -170,7 +136,7 @@ def test_worker_killed_mid_archive_is_taken_over_and_leaves_no_partial_file(
         with engine.connect() as db:
             return db.execute(select(archive_jobs)).first()
 
-    with processes() as started:
+    with children() as started:
         # Given a worker whose compressor is slow (zstd -19 on one thread throttles the stream)
         spec = QueueSpec(queue_name("archiver", "dck"), routing_keys(HANDLERS, "dck"))
         declare_topology(rabbit_url, spec, Settings())  # as the worker will: nothing is lost

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import select as io_select
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,51 +22,26 @@ from tests.conftest import Backbone, rabbitmqctl
 from tests.integration.test_backbone import count, echo_envelope, fast_settings, publish
 from tests.support import echo
 from tests.support.helpers import wait_for
+from tests.support.processes import ChildProcess, children
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class EchoProcess:
+def EchoProcess(broker_url: str, db_url: str, queue: str, **env: str) -> ChildProcess:  # noqa: N802
     """The echo service as a real subprocess, ended only by its own PID."""
-
-    def __init__(self, broker_url: str, db_url: str, queue: str, **env: str) -> None:
-        environment = {**os.environ, "FERRY_BROKER_URL": broker_url,
-                       "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_LEASE_SECONDS": "2",
-                       "FERRY_JOB_POLL_SECONDS": "0.1", "PYTHONPATH": str(ROOT), **env}
-        self.log = tempfile.NamedTemporaryFile(prefix="echo-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.echo", "--db", db_url, "--queue", queue],
-            env=environment, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        ready, _, _ = io_select.select([self.process.stdout], [], [], 60)
-        line = self.process.stdout.readline() if ready and self.process.stdout else ""
-        if "started" not in line:
-            self.kill()
-            raise AssertionError(f"echo process did not start: {Path(self.log.name).read_text()}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    return ChildProcess("tests.support.echo", "--db", db_url, "--queue", queue, ready="started",
+                        env={"FERRY_BROKER_URL": broker_url, "FERRY_OUTBOX_POLL_SECONDS": "0.1",
+                             "FERRY_LEASE_SECONDS": "2", "FERRY_JOB_POLL_SECONDS": "0.1", **env})
 
 
 @pytest.fixture
-def processes() -> Iterator[list[EchoProcess]]:
-    started: list[EchoProcess] = []
-    yield started
-    for process in started:
-        process.stop()
+def processes() -> Iterator[list[ChildProcess]]:
+    with children() as started:
+        yield started
 
 
 def test_event_committed_but_not_published_is_published_after_restart(
-    rabbit_url: str, pg_url: str, processes: list[EchoProcess],
+    rabbit_url: str, pg_url: str, processes: list[ChildProcess],
 ) -> None:
     queue = f"echo-{uuid.uuid4().hex[:8]}"
     engine = make_engine(pg_url)
@@ -129,7 +98,7 @@ def test_consumer_reconnects_after_broker_closes_its_connections(rabbit_url: str
 
 
 def test_leased_job_of_a_killed_worker_is_taken_over_and_finished_once(
-    backbone: Backbone, processes: list[EchoProcess],
+    backbone: Backbone, processes: list[ChildProcess],
 ) -> None:
     engine = make_engine(backbone.db_url)
     echo.build(fast_settings("memory://"), backbone.db_url).engine.dispose()  # create tables

@@ -4,12 +4,6 @@ mid-transfer is replaced, and the migration completes exactly once."""
 from __future__ import annotations
 
 import json
-import os
-import select as io_select
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +22,7 @@ from shared.jobs import new_job_values
 from shared.topology import EVENTS_EXCHANGE
 from tests.integration.test_transfer import MiB, Migration, make_archive, sha256_of
 from tests.support.helpers import wait_for
+from tests.support.processes import ChildProcess, children
 from tests.support.sshd import SshServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,40 +34,15 @@ def server() -> Iterator[SshServer]:
         yield sshd
 
 
-class TransferProcess:
+def TransferProcess(env: dict[str, str]) -> ChildProcess:  # noqa: N802
     """`python -m services.transfer` as a real process, ended only by its own PID."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="transfer-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.transfer"], env={**os.environ, **env}, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        ready, _, _ = io_select.select([self.process.stdout], [], [], 60)
-        line = self.process.stdout.readline() if ready and self.process.stdout else ""
-        if "running" not in line:
-            self.kill()
-            raise AssertionError(f"transfer did not start: {Path(self.log.name).read_text()}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    return ChildProcess("services.transfer", env=env, ready="running")
 
 
 @pytest.fixture
-def processes() -> Iterator[list[TransferProcess]]:
-    started: list[TransferProcess] = []
-    yield started
-    for process in started:
-        process.stop()
+def processes() -> Iterator[list[ChildProcess]]:
+    with children() as started:
+        yield started
 
 
 def job(engine: Engine, archive_id: str) -> Any:
@@ -95,7 +65,7 @@ def rsync_running_for(path: Path) -> list[int]:
 
 def test_worker_killed_mid_transfer_is_replaced_and_migration_completes_once(
     server: SshServer, tmp_path: Path, rabbit_url: str, pg_url: str,
-    processes: list[TransferProcess],
+    processes: list[ChildProcess],
 ) -> None:
     # Given a migration of three requests: r1 and r2 share a 48 MiB archive, r3 has a small one
     big, big_sha = make_archive(tmp_path, 48 * MiB, "big.tar.zst")
