@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     snapshot_watch_seconds: float = Field(default=5.0, gt=0)  # COW usage poll while active
     snapshot_slot_wait_seconds: float = Field(default=5.0, gt=0)  # re-check a full host after
     reconcile_seconds: float = Field(default=180.0, gt=0)
+    # Archiver: where shared.nbd records each snapshot it mounted (unset: <state_dir>/nbd);
+    # the archiver undoes what dead workers left there at start and every reconcile_seconds.
+    nbd_run_dir: Path | None = None
 
     @field_validator("retry_delays", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from typing import Any
 
 from services.archiver.handlers import HANDLERS, fail_request
 from services.archiver.jobs import Archiver
+from services.archiver.snapshots import MountReconciler, run_dir
 from services.archiver.tables import archive_jobs
 from shared.addresses import host_pool
 from shared.envelope import Envelope
@@ -45,4 +46,8 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
         archiver.sweep_partials()  # what a worker killed here left, its job since finished
 
     service.on_start.append(sweep)
+    # snapshots a SIGKILLed worker left mounted here: at start, then every reconcile_seconds
+    mounts = MountReconciler(run_dir(settings), settings.reconcile_seconds)
+    service.on_start.append(mounts.start)
+    service.on_stop.append(mounts.stop)
     return service

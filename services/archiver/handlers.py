@@ -15,11 +15,11 @@ from sqlalchemy import select, update
 from services.archiver.records import completed_event, insert_ignoring_conflicts
 from services.archiver.sources import ArchiveOrder, SnapshotExport, validate_order
 from services.archiver.tables import COMPLETED, FAILED, WAITING, archive_jobs, archive_requests
-from shared.contracts import ArchiveFailed, ArchiveRequested, SnapshotReady
+from shared.contracts import ArchiveFailed, ArchiveRequested, SnapshotReady, SnapshotReleased
 from shared.envelope import Envelope
 from shared.errors import PermanentError
 from shared.inbox_outbox import UnitOfWork
-from shared.jobs import DONE, PENDING, new_job_values
+from shared.jobs import DONE, PENDING, RUNNING, new_job_values
 from shared.jobs import FAILED as JOB_FAILED
 from shared.runtime import ServiceHandler
 
@@ -56,6 +56,8 @@ def _record(order: ArchiveOrder, request_id: str, reuse_key: str, datacenter: st
         known = connection.execute(select(archive_requests)
                                    .where(archive_requests.c.request_id == request_id)).first()
         if known is not None and known.state != FAILED:
+            if known.archive_id is not None and order.snapshot is not None:
+                _take_new_snapshot(connection, known.archive_id, order)
             uow.commit()  # the same request sent again under a new message id
             return
         new_id = uuid.uuid4().hex
@@ -101,6 +103,55 @@ def _record(order: ArchiveOrder, request_id: str, reuse_key: str, datacenter: st
         uow.commit()
 
 
+def _take_new_snapshot(connection: Any, archive_id: str, order: ArchiveOrder) -> None:
+    """A request still waiting got a new snapshot (the snapshotter retried it with a larger
+    COW before this archive failed on the old one): the job reads the new one from now on. A
+    running attempt on the old one fails, and then runs again (Archiver.fail)."""
+    assert order.snapshot is not None  # noqa: S101 (the caller checked)
+    job = connection.execute(select(archive_jobs).where(archive_jobs.c.id == archive_id)
+                             .with_for_update()).first()
+    if job is None or job.state not in (PENDING, RUNNING):
+        return
+    current = ((job.payload or {}).get("snapshot") or {}).get("snapshot_id")
+    if current == order.snapshot.snapshot_id:
+        return  # the same snapshot.ready again
+    values: dict[str, Any] = {"payload": order.model_dump(mode="json"), "updated_at": time.time()}
+    if job.state == PENDING:
+        values.update(next_run_at=time.time(), attempts=0)
+    connection.execute(update(archive_jobs).where(archive_jobs.c.id == archive_id)
+                       .values(**values))
+
+
+def note_snapshot_released(event: SnapshotReleased, envelope: Envelope, *,
+                           uow: UnitOfWork) -> None:
+    """An invalidated snapshot (its COW filled up) that a running or pending archive reads:
+    marked in the job's payload, so the archive fails at once (pending) or when reading
+    breaks (running), with will_retry=True (Archiver.fail). Other releases: nothing to do.
+    Every datacenter's archiver gets this event; only the one holding the request acts."""
+    with uow:
+        if not uow.inbox.claim(envelope.id, "note_snapshot_released"):
+            return
+        if event.invalidated:
+            _mark_invalidated(uow.connection, event)
+        uow.commit()
+
+
+def _mark_invalidated(connection: Any, event: SnapshotReleased) -> None:
+    request = connection.execute(select(archive_requests).where(
+        archive_requests.c.request_id == event.request_id)).first()
+    if request is None or request.archive_id is None:
+        return
+    job = connection.execute(select(archive_jobs).where(
+        archive_jobs.c.id == request.archive_id).with_for_update()).first()
+    snapshot = dict(((job.payload or {}).get("snapshot") or {}) if job is not None else {})
+    if job is None or job.state not in (PENDING, RUNNING) or \
+            snapshot.get("snapshot_id") != event.snapshot_id:
+        return  # finished already, or it reads another (newer) snapshot
+    snapshot["invalidated"] = event.reason or "invalidated by the snapshotter"
+    connection.execute(update(archive_jobs).where(archive_jobs.c.id == job.id).values(
+        payload={**job.payload, "snapshot": snapshot}, updated_at=time.time()))
+
+
 def _source_columns(order: ArchiveOrder, datacenter: str, reuse_key: str) -> dict[str, Any]:
     return {"datacenter": datacenter, "reuse_key": reuse_key, "source_label": order.label[:255],
             "source_host": order.source.host[:255], "source_path": order.location}
@@ -132,4 +183,5 @@ def fail_request(event: Any, envelope: Envelope, error: BaseException, *,
 HANDLERS: dict[str, ServiceHandler] = {
     ArchiveRequested.TYPE: record_archive_request,
     SnapshotReady.TYPE: record_snapshot_ready,
+    SnapshotReleased.TYPE: note_snapshot_released,  # not datacenter-routed: bound plainly
 }

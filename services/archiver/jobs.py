@@ -30,20 +30,22 @@ from services.archiver.records import (
     waiting_requests,
 )
 from services.archiver.replicas import Replica
+from services.archiver.snapshots import SnapshotInvalidatedError, mounted_snapshot, run_dir
 from services.archiver.sources import (
     TAR_CHANGED,
     ArchiveOrder,
     SourceCommand,
     dump_command,
     filesystem_command,
+    snapshot_command,
     validate_order,
 )
 from services.archiver.tables import archive_jobs
 from shared.contracts import ArchiveProgress
 from shared.errors import UnexpectedExit
-from shared.hosts import Host, HostPool
+from shared.hosts import Host, HostPool, LocalExecutor
 from shared.inbox_outbox import UnitOfWork
-from shared.jobs import FAILED, RUNNING, Lease
+from shared.jobs import FAILED, PENDING, RUNNING, Lease
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,11 +98,19 @@ class Archiver:
         with self.engine.begin() as connection:
             lease.leases.update(connection, lease.job_id, lease.owner, started_at=started,
                                 bytes_done=0)
-        host = self.hosts.get(order.source.host)
         warnings: list[str] = []
         position: dict[str, Any] | None = None
         archive: ArchiveFile | None = None
         try:
+            if order.snapshot is not None and order.snapshot.over_nbd:
+                # mounted here through the tunnel: tar runs on this host, not the Xen host
+                with mounted_snapshot(order.snapshot, self.hosts,
+                                      run_dir(self.settings)) as mounted:
+                    command = snapshot_command(order, str(mounted), self.settings)
+                    archive = self._stream(lease, LocalExecutor(), command, warnings)
+                self._complete(lease, archive, started, warnings, position)
+                return
+            host = self.hosts.get(order.source.host)
             if order.kind == "database":
                 replica = Replica(host, order.source, self.settings)
                 with replica.held(order.source.pause_replication, warnings) as position:
@@ -184,13 +194,31 @@ class Archiver:
         Raises LeaseLostError when the job is no longer ours."""
         details = failure_details(error, lease.job.source_host)
         with self.uow() as uow:
+            job = uow.connection.execute(
+                select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
+            if _snapshot(job.payload).get("snapshot_id") != \
+                    _snapshot(lease.job.payload).get("snapshot_id"):
+                # a newer snapshot.ready came while this attempt read the old snapshot: run
+                # again from the new one; no answer for the old (the snapshotter released it)
+                lease.leases.update(uow.connection, lease.job_id, lease.owner, state=PENDING,
+                                    lease_owner=None, lease_expires_at=None, attempts=0,
+                                    next_run_at=time.time(), error=str(error)[-4000:])
+                uow.commit()
+                return
+            invalidated = str(_snapshot(job.payload).get("invalidated") or "")
+            reason = f"{type(error).__name__}: {error}"
+            if invalidated and not isinstance(error, SnapshotInvalidatedError):
+                reason = f"snapshot invalidated ({invalidated}); reading it failed: {reason}"
             lease.leases.finish(uow.connection, lease.job_id, lease.owner, state=FAILED,
                                 error=str(error)[-4000:], result=details,
                                 finished_at=time.time())
-            job = uow.connection.execute(
-                select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
-            fail_waiting(uow, job, f"{type(error).__name__}: {error}", details)
+            fail_waiting(uow, job, reason, details, will_retry=bool(invalidated))
             uow.commit()
+
+
+def _snapshot(payload: Any) -> dict[str, Any]:
+    snapshot = (payload or {}).get("snapshot") or {}
+    return dict(snapshot)
 
 
 class _ProgressReporter:

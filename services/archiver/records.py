@@ -86,13 +86,16 @@ def complete_waiting(uow: UnitOfWork, job: Row[Any]) -> int:
     return len(requests)
 
 
-def fail_waiting(uow: UnitOfWork, job: Row[Any], reason: str, details: dict[str, str]) -> int:
-    """archive.failed for every request waiting on `job`. Returns how many."""
+def fail_waiting(uow: UnitOfWork, job: Row[Any], reason: str, details: dict[str, str], *,
+                 will_retry: bool = False) -> int:
+    """archive.failed for every request waiting on `job`. Returns how many. `will_retry`: the
+    snapshot it read was invalidated, the snapshotter sends a new snapshot.ready."""
     requests = waiting_requests(uow.connection, job.id)
     for request in requests:
         _answer(uow.connection, request.request_id, FAILED)
         uow.outbox.add(ArchiveFailed(datacenter=job.datacenter, request_id=request.request_id,
                                      kind=job.kind, reason=reason[-4000:],
-                                     snapshot_id=snapshot_id(job), **details),
+                                     snapshot_id=snapshot_id(job), will_retry=will_retry,
+                                     **details),
                        migration_id=request.migration_id)
     return len(requests)

@@ -22,6 +22,8 @@ from shared.settings import Settings
 ROOT_EXCLUDES = ("proc", "sys", "dev", "run", "tmp")
 # Plain names only: no leading "-" (an option to mysqldump), no "=" (a pg_dump conninfo).
 DATABASE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_$-]{0,63}$")
+# The snapshotter names exports `ferry-<job>-<n>`; it reaches nbd-client argv and an nbd URI.
+EXPORT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 TAR_CHANGED = 1  # GNU tar: "file changed as we read it", the archive is still whole
 
 
@@ -40,6 +42,14 @@ class SnapshotExport(BaseModel):
     export_name: str = ""
     port: int | None = None
     size_bytes: int = 0
+    # why the snapshotter invalidated it (its COW filled up), set by snapshot.released;
+    # empty while it is valid. An archive of an invalidated snapshot fails with will_retry.
+    invalidated: str = ""
+
+    @property
+    def over_nbd(self) -> bool:
+        """Exported by nbd-server on its host (dm, lvm), not archived as it is (none)."""
+        return self.driver != "none"
 
 
 class ArchiveOrder(BaseModel):
@@ -84,12 +94,30 @@ def validate_order(order: ArchiveOrder) -> None:
         if source.engine is None:
             raise SourceInvalidError(f"database archive of {name!r}: source.engine is not set")
         return
-    if order.kind == "local_fs" and order.snapshot is not None and order.snapshot.driver != "none":
-        return  # the snapshot's export is the source, not a path (see nbd_source)
+    if order.kind == "local_fs" and order.snapshot is not None and order.snapshot.over_nbd:
+        _check_export(order.snapshot)  # the snapshot's export is the source, not a path
+        _check_excludes(order)
+        return
     _check_path(order.kind, source.host, source.path)
-    for pattern in source.excludes:
+    _check_excludes(order)
+
+
+def _check_excludes(order: ArchiveOrder) -> None:
+    for pattern in order.source.excludes:
         if not pattern or "\x00" in pattern or "\n" in pattern:
             raise SourceInvalidError(f"{order.kind} archive: exclude {pattern!r} is not a pattern")
+
+
+def _check_export(snapshot: SnapshotExport) -> None:
+    where = f"snapshot {snapshot.snapshot_id} ({snapshot.driver})"
+    if not snapshot.host:
+        raise SourceInvalidError(f"{where}: host is empty")
+    if snapshot.port is None:
+        raise SourceInvalidError(f"{where} on {snapshot.host}: no nbd port")
+    if not EXPORT_NAME.match(snapshot.export_name):
+        raise SourceInvalidError(
+            f"{where} on {snapshot.host}: export name {snapshot.export_name!r} is not a plain "
+            "name (letters, digits, _ . -, not starting with - or .)")
 
 
 def _check_path(kind: str, host: str, path: str | None) -> None:
@@ -166,11 +194,13 @@ def filesystem_command(order: ArchiveOrder, settings: Settings,
                        data_dir: str | None = None) -> SourceCommand:
     """The tar command for shared_fs, db_server_root and local_fs (driver `none`).
 
-    Raises PermanentError for a snapshot exported over nbd (see nbd_source).
+    Raises PermanentError for a snapshot exported over nbd: that is mounted on the archiver
+    first, and archived with snapshot_command.
     """
     source = order.source
-    if order.kind == "local_fs" and order.snapshot is not None and order.snapshot.driver != "none":
-        nbd_source(order.snapshot)
+    if order.kind == "local_fs" and order.snapshot is not None and order.snapshot.over_nbd:
+        raise PermanentError(f"snapshot {order.snapshot.snapshot_id} is exported over nbd: "
+                             "archive its mounted directory (snapshot_command)")
     path = source.path or "/"
     excludes = [member_pattern(p) for p in source.excludes]
     if order.kind == "db_server_root":
@@ -181,11 +211,12 @@ def filesystem_command(order: ArchiveOrder, settings: Settings,
     return tar_command(path, excludes, settings)
 
 
-def nbd_source(snapshot: SnapshotExport) -> None:
-    """Attach a dm/lvm snapshot's nbd export over an SSH tunnel and mount it read-only.
-
-    Raises PermanentError: this is the one place issue 7 fills in.
-    """
-    raise PermanentError(
-        f"nbd attach not implemented yet: snapshot {snapshot.snapshot_id} ({snapshot.driver}) "
-        f"exported on {snapshot.host} port {snapshot.port}")
+def snapshot_command(order: ArchiveOrder, mounted: str, settings: Settings) -> SourceCommand:
+    """tar of a snapshot mounted read-only on the archiver (run here, not on the Xen host):
+    the whole filesystem, the source's excludes relative to its root."""
+    excludes = [member_pattern(p) for p in order.source.excludes]
+    command = tar_command(mounted, excludes, settings)
+    # no nice/ionice here: this reads the archiver's own FUSE/nbd mount; the Xen host's
+    # load is nbd-server's, and the archiver's CPU is what compresses
+    argv = command.argv[len(nice_prefix(settings)):]
+    return SourceCommand(argv, command.ok_exits, command.extension)

@@ -27,6 +27,7 @@ from shared.bus import Publisher
 from shared.contracts import ArchiveRequested, ArchiveSource, Event, SnapshotReady
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
+from shared.loopback_sshd import free_port
 from shared.runtime import Service
 from shared.settings import Settings
 from tests.support.helpers import wait_for
@@ -394,11 +395,14 @@ def test_snapshot_without_driver_is_archived_as_a_directory_and_nbd_fails_clearl
 
     def ready(request_id: str, driver: str) -> SnapshotReady:
         return SnapshotReady(datacenter=DC, request_id=request_id, snapshot_id=f"s-{request_id}",
-                             driver=driver, host=address(sshd), port=10809, size_bytes=1 << 30,  # type: ignore[arg-type]
+                             driver=driver, host=address(sshd), port=port, size_bytes=1 << 30,  # type: ignore[arg-type]
+                             export_name=f"s-{request_id}",
                              reuse_key=f"local:{request_id}",
                              source=ArchiveSource(host=address(sshd), path=str(source),
                                                   device="/dev/vg0/ey04-s50000-root"))
 
+    # no nbd-server listens there: the tunnel's forward is refused, the attach fails
+    port = free_port()
     settings = archiver_settings(tmp_path, sshd)
     with running(settings) as service:
         send("memory://", (ready("r1", "none"), "m-1"), (ready("r2", "dm"), "m-1"))
@@ -408,7 +412,9 @@ def test_snapshot_without_driver_is_archived_as_a_directory_and_nbd_fails_clearl
     extract(Path(found["r1"]["path"]), copy)
     assert (copy / "etc" / "hostname").read_text() == "ey04-s50000\n"
     assert found["r2"]["type"] == "archive.failed"
-    assert "nbd attach not implemented yet" in found["r2"]["reason"]
+    assert found["r2"]["reason"].startswith("AttachError: nbdfuse nbd://127.0.0.1:")
+    assert "/s-r2 exited" in found["r2"]["reason"] and not found["r2"]["will_retry"]
+    assert list((settings.state_dir / "nbd").iterdir()) == []  # nothing left mounted
     assert staged(settings) == [f"{DC}/{Path(found['r1']['path']).name}"]
 
 

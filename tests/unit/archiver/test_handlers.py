@@ -152,6 +152,7 @@ def test_snapshot_ready_becomes_a_local_fs_archive_job(engine: Engine) -> None:
 def snapshot_ready(snapshot_id: str) -> tuple[SnapshotReady, Envelope]:
     event = SnapshotReady(datacenter="ey04", request_id="r9", snapshot_id=snapshot_id,
                           driver="dm", host="xen1", port=10809, size_bytes=1 << 30,
+                          export_name=snapshot_id,
                           reuse_key="local:vm1:/",
                           source=ArchiveSource(host="xen1", device="/dev/vg0/vm1-root"))
     return event, Envelope.wrap(event, migration_id="m-9")

@@ -10,6 +10,7 @@ from services.archiver.sources import (
     SourceInvalidError,
     dump_command,
     filesystem_command,
+    snapshot_command,
     validate_order,
 )
 from shared.contracts import ArchiveSource
@@ -102,11 +103,36 @@ def test_local_fs_without_snapshot_driver_is_archived_like_a_directory() -> None
     assert filesystem_command(local, Settings(source_nice=False)).argv[:3] == ["tar", "-C", "/srv"]
 
 
-def test_nbd_snapshot_is_a_clear_permanent_error_until_attach_exists() -> None:
-    snapshot = SnapshotExport(snapshot_id="s1", driver="dm", host="xen1", port=10809)
-    local = ArchiveOrder(kind="local_fs", source=ArchiveSource(host="xen1", device="/dev/vg/lv"),
-                         snapshot=snapshot)
+def nbd_order(export_name: str = "ferry-0123456789ab-1", port: int | None = 10809,
+              excludes: tuple[str, ...] = ()) -> ArchiveOrder:
+    snapshot = SnapshotExport(snapshot_id="ferry-0123456789ab-1", driver="dm", host="xen1",
+                              export_name=export_name, port=port)
+    return ArchiveOrder(kind="local_fs", snapshot=snapshot,
+                        source=ArchiveSource(host="xen1", device="/dev/vg/lv", excludes=excludes))
 
+
+def test_nbd_snapshot_is_archived_from_its_mount_here_without_nice() -> None:
+    # Given a dm snapshot exported over nbd, mounted on the archiver
+    local = nbd_order(excludes=("var/cache",))
     validate_order(local)
-    with pytest.raises(PermanentError, match="nbd attach not implemented yet"):
+    # Then tar reads the mounted directory, sorted, numeric owners, holes kept, excludes
+    # relative to the filesystem's root; not niced (the Xen host's load is nbd-server's)
+    command = snapshot_command(local, "/run/ferry/nbd/abc/mnt", Settings())
+    assert command.argv == ["tar", "-C", "/run/ferry/nbd/abc/mnt", "--sort=name",
+                            "--numeric-owner", "--sparse", "--anchored",
+                            "--exclude=./var/cache", "-cpf", "-", "."]
+    assert command.ok_exits == (0, 1) and command.extension == "tar"
+    # ... and never through the source-side path
+    with pytest.raises(PermanentError, match="exported over nbd"):
         filesystem_command(local, Settings())
+
+
+@pytest.mark.parametrize(("export_name", "port", "message"), [
+    ("", 10809, "export name ''"), ("-x", 10809, "export name '-x'"),
+    ("a/../b", 10809, "not a plain name"), ("ferry-1", None, "no nbd port"),
+])
+def test_nbd_snapshot_without_a_plain_export_or_port_is_refused(
+    export_name: str, port: int | None, message: str,
+) -> None:
+    with pytest.raises(SourceInvalidError, match=message):
+        validate_order(nbd_order(export_name, port))

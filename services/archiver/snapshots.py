@@ -1,0 +1,95 @@
+"""A dm/lvm snapshot, mounted read-only on the archiver for the length of one archive.
+
+The snapshotter exports the snapshot with nbd-server on the Xen host's 127.0.0.1; the
+archiver reaches it through an SSH tunnel and mounts it (shared.nbd: the kernel nbd-client,
+else nbdfuse + `losetup -r`; `ro,noload` for ext3/4, see docs/lab.md), so tar and the
+compressor both run here. `shared.nbd.attach_export` undoes all of it on leaving, also on
+failure; `MountReconciler` undoes what a SIGKILLed worker left (its pid is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from services.archiver.sources import SnapshotExport
+from shared import nbd
+from shared.errors import PermanentError
+from shared.hosts import HostPool
+from shared.settings import Settings
+from shared.ssh import SSHHost
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotInvalidatedError(PermanentError):
+    """The snapshotter invalidated the snapshot (its COW filled up): reading it is pointless.
+    Its archive.failed carries will_retry: a new snapshot.ready follows."""
+
+
+def run_dir(settings: Settings) -> Path:
+    """Where shared.nbd records this archiver's mounts (absolute: reconcile compares paths)."""
+    return (settings.nbd_run_dir or settings.state_dir / "nbd").absolute()
+
+
+@contextlib.contextmanager
+def mounted_snapshot(snapshot: SnapshotExport, hosts: HostPool,
+                     directory: Path) -> Iterator[Path]:
+    """Mount `snapshot`'s export read-only here; yield the mounted directory.
+
+    Raises SnapshotInvalidatedError (already invalidated), nbd.AttachError (transient:
+    tunnel, nbd, loop or mount failed), PermanentError (no filesystem on the export), and
+    what opening the SSH connection raises.
+    """
+    if snapshot.invalidated:
+        raise SnapshotInvalidatedError(
+            f"snapshot {snapshot.snapshot_id} on {snapshot.host} was invalidated: "
+            f"{snapshot.invalidated}")
+    if snapshot.port is None:
+        raise PermanentError(f"snapshot {snapshot.snapshot_id}: no nbd port")
+    host = hosts.get(snapshot.host)
+    # "local": nbd-server runs on this machine, no tunnel
+    tunnel = host if isinstance(host, SSHHost) else None
+    with nbd.attach_export(tunnel, snapshot.export_name, snapshot.port,
+                           run_dir=directory) as mounted:
+        log.info("snapshot %s mounted at %s", snapshot.snapshot_id, mounted)
+        yield mounted
+
+
+class MountReconciler:
+    """Undoes mounts of dead workers at start and every `every` seconds, in a thread."""
+
+    def __init__(self, directory: Path, every: float) -> None:
+        self.directory = directory
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reconcile(self) -> list[str]:
+        """One pass; what it cleaned. Raises nothing: a failed pass is retried next time."""
+        try:
+            cleaned = nbd.reconcile(self.directory)
+        except Exception as error:  # noqa: BLE001 - keep the archiver up, try again later
+            log.warning("nbd reconcile of %s failed: %s", self.directory, error)
+            return []
+        for path in cleaned:
+            log.warning("undid the snapshot mount %s of a dead worker", path)
+        return cleaned
+
+    def start(self) -> None:
+        self.reconcile()
+        self._thread = threading.Thread(target=self._loop, name="archiver-nbd-reconcile",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.reconcile()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
