@@ -31,7 +31,7 @@ from shared.demo_site import DemoSite, build_database, build_trees, document, dr
 from shared.demo_site import inventory as site_inventory
 
 MYSQL = "127.0.0.1:3306"
-console = Console()
+console = Console(width=150)
 
 
 def prepare(workdir: Path, size: str) -> DemoSite:

@@ -155,7 +155,8 @@ def migrate(settings: Settings, document: bytes, console: Console, *,
         if response.status_code != 202:
             return Outcome(None, {}, {}, refused=f"{response.status_code} {response.text}")
         migration_id = str(response.json()["id"])
-        console.print(f"submitted {migration_id} through {client.base_url}migrations")
+        console.print(f"submitted {migration_id} through http://{settings.intake_bind}"
+                      "/migrations")
         status = _follow(client, migration_id, console, timeout, live)
         console.print()
         stats = client.get(f"/migrations/{migration_id}/stats").json()
@@ -234,6 +235,6 @@ def _follow(client: httpx.Client, migration_id: str, console: Console,
             live.update(progress_table(status))
             if status["status"] in FINAL:
                 return status
-            time.sleep(0.25)
+            time.sleep(0.1)
     status["status"] = "timed out"
     return status
