@@ -171,6 +171,19 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
 
     # -- dispatch ---------------------------------------------------------------------
     def on_message(self, message: Message) -> None:
+        """Dispatch one delivery. If even the failure path fails (the failure hook's
+        database is down, the broker refuses the dead letter), the message goes back to its
+        queue and the consumer keeps running: an exception here would end its thread."""
+        try:
+            self._dispatch(message)
+        except tuple(self.connection.connection_errors):
+            raise  # ConsumerMixin reconnects; the unacked message comes back by itself
+        except Exception:  # noqa: BLE001 - never let one message stop the consumer
+            log.exception("%s: could not settle a message; it goes back to the queue",
+                          self.spec.name)
+            message.requeue()
+
+    def _dispatch(self, message: Message) -> None:
         headers = dict(message.headers or {})
         attempts = int(headers.get(ATTEMPTS_HEADER, 0) or 0)
         try:

@@ -222,3 +222,41 @@ def test_event_for_a_datacenter_without_workers_waits_in_its_queue(running: Serv
         message = wait_for(lambda: queue.get(no_ack=False), what="request in archiver queue")
         assert json.loads(message.body)["payload"]["request_id"] == "r-1"  # type: ignore[attr-defined]
         channel.close()
+
+
+def test_consumer_survives_a_failing_failure_hook(backbone: Backbone) -> None:
+    from shared.errors import PermanentError
+    from shared.runtime import Service
+    from shared.topology import QueueSpec
+
+    calls: list[str] = []
+
+    def hopeless(event: object, envelope: Envelope, *, uow: object) -> None:
+        if getattr(event, "value", "") == "hopeless":
+            raise PermanentError("never")
+        calls.append(f"handled {getattr(event, 'value', '')}")
+
+    def flaky_hook(event: object, envelope: Envelope, error: BaseException) -> None:
+        calls.append("hook")
+        if calls.count("hook") == 1:
+            raise RuntimeError("the failure record's database is down")
+
+    settings = fast_settings(backbone.broker_url)
+    service = echo.build(settings, backbone.db_url, queue=f"echo-{uuid.uuid4().hex[:8]}")
+    custom = Service("echo", settings, service.engine, QueueSpec(service.queue.name,
+                                                                 ("test.echo",)),
+                     {echo.Echo.TYPE: hopeless}, on_failure=flaky_hook)
+    custom.start()
+    try:
+        # Given a message whose failure hook fails the first time
+        publish(backbone.broker_url, echo_envelope("hopeless"))
+        # Then it comes back, the hook runs again and the message is dead-lettered once
+        letters = wait_for(lambda: list_dead(backbone.broker_url, custom.queue.name),
+                           what="dead letter after a failing hook")
+        assert len(letters) == 1 and calls.count("hook") == 2  # type: ignore[arg-type]
+        # And the consumer is still alive for the next message
+        publish(backbone.broker_url, echo_envelope("next"))
+        wait_for(lambda: "handled next" in calls, what="next message handled")
+    finally:
+        custom.stop()
+        service.engine.dispose()
