@@ -13,7 +13,6 @@ rsync. Overhead = the pipeline's wall time when no archive or transfer was runni
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import time
@@ -22,13 +21,18 @@ from pathlib import Path
 from shlex import quote
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from shared.demo import demo_settings, migrate, start_services
-from shared.demo_site import DemoSite, build_database, build_trees, document, drop_database
-from shared.demo_site import inventory as site_inventory
+from shared.demo_site import (
+    DemoSite,
+    build_database,
+    build_trees,
+    drop_database,
+    du,
+    write_description,
+)
 
 MYSQL = "127.0.0.1:3306"
 console = Console(width=150)
@@ -42,24 +46,11 @@ def prepare(workdir: Path, size: str) -> DemoSite:
         with console.status(f"building the {size} sample site (once; cached)…"):
             build_trees(site)
         marker.touch()
-    else:  # the trees are cached: only the bookkeeping of build_trees
-        from shared.demo_site import APP_VMS, OLD_ENV, REPLICA, old_vm
-        for index in range(APP_VMS[size]):
-            site.sources[f"{old_vm(index)}:/"] = site.source / "vms" / old_vm(index) / "root"
-        site.sources[f"{REPLICA}:/"] = site.source / "vms" / REPLICA / "root"
-        site.sources[f"{OLD_ENV}:/data"] = site.source / "envs" / OLD_ENV / "data"
     why = build_database(site, MYSQL)
     if why:
         raise SystemExit(f"benchmark needs MariaDB: {why}")
-    site.inventory_path = site.workdir / "inventory.yaml"
-    site.inventory_path.write_text(yaml.safe_dump(site_inventory(site), sort_keys=False))
-    site.document_path = site.workdir / "migration.json"
-    site.document_path.write_text(json.dumps(document(site)))
+    write_description(site)
     return site
-
-
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def shell(command: str) -> None:
@@ -120,7 +111,7 @@ def pipeline(site: DemoSite, out: Path, compression: str) -> dict[str, float]:
     services = start_services(settings)
     try:
         started = time.monotonic()
-        outcome = migrate(settings, (site.workdir / "migration.json").read_bytes(), console,
+        outcome = migrate(settings, site.document_path.read_bytes(), console,
                           live=False, timeout=3600)
         wall = time.monotonic() - started
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import secrets
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,24 +21,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shared.demo_site import DATACENTER, DemoSite, build_site, drop_database
-from shared.loopback_sshd import SshServer
+from shared.demo_site import DATACENTER, DemoSite, build_site, drop_database, mysql_address
+from shared.loopback_sshd import SshServer, free_port
 from shared.settings import SERVICES, Settings
 
 FINAL = {"failed", "completed"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None,
                   sshd: SshServer | None = None) -> Settings:
-    from urllib.parse import urlparse
-
-    db = urlparse(mysql_url if mysql_url and "://" in mysql_url else f"mysql://{mysql_url}")
+    db = mysql_address(mysql_url or "")
     over_ssh: dict[str, Any] = {}
     if sshd is not None:
         over_ssh = {"ssh_key_path": sshd.user_key_path,
@@ -49,9 +40,8 @@ def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None,
     values: dict[str, Any] = dict(
         broker_url="memory://", state_dir=workdir / "state", staging_dir=workdir / "staging",
         destination=str(workdir / "destination"), inventory=str(site.inventory_path),
-        intake_bind=f"127.0.0.1:{_free_port()}", api_token=secrets.token_urlsafe(24),
-        source_db_host=db.hostname or "127.0.0.1", source_db_port=db.port or 3306,
-        source_db_user=db.username or "root", source_nice=False,
+        intake_bind=f"127.0.0.1:{free_port()}", api_token=secrets.token_urlsafe(24),
+        source_db_host=db.host, source_db_port=db.port, source_db_user=db.user, source_nice=False,
         outbox_poll_seconds=0.05, job_poll_seconds=0.2, lease_seconds=30,
         retry_delays=(0.5, 2.0, 5.0), transfer_backoff_seconds=1.0,
         archive_progress_seconds=1.0, transfer_progress_seconds=1.0,
@@ -108,7 +98,7 @@ def verify_destination(destination: Path, status: dict[str, Any], console: Conso
             continue
         seen.add(name)
         path = destination / name
-        digest = _sha256(path) if path.is_file() else None
+        digest = file_sha256(path) if path.is_file() else None
         good = digest is not None and digest == archive.get("sha256")
         ok &= good
         table.add_row(name, _bytes(path.stat().st_size) if path.is_file() else "missing",
@@ -117,7 +107,7 @@ def verify_destination(destination: Path, status: dict[str, Any], console: Conso
     return ok and bool(seen)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -197,7 +187,7 @@ def _run_site(workdir: Path, site: DemoSite, settings: Settings, console: Consol
               keep_source_database: bool) -> int:
     services = start_services(settings)
     try:
-        outcome = migrate(settings, (workdir / "migration.json").read_bytes(), console,
+        outcome = migrate(settings, site.document_path.read_bytes(), console,
                           timeout=timeout)
         if outcome.refused or outcome.migration_id is None:
             console.print(f"[red]intake refused the document: {outcome.refused}[/]")

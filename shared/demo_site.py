@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,14 +29,32 @@ class DemoSite:
     size: str
     database: str | None = None
     database_rows: int = 0
-    sources: dict[str, Path] = field(default_factory=dict)  # archive label -> local path
-    inventory_path: Path | None = None
-    document_path: Path | None = None
     address: str = "local"  # how every old host is reached: the local executor, or an sshd
 
     @property
     def source(self) -> Path:
         return self.workdir / "source"
+
+    @property
+    def inventory_path(self) -> Path:
+        return self.workdir / "inventory.yaml"
+
+    @property
+    def document_path(self) -> Path:
+        return self.workdir / "migration.json"
+
+    def root(self, vm: str) -> Path:
+        return self.source / "vms" / vm / "root"
+
+    @property
+    def data(self) -> Path:
+        return self.source / "envs" / OLD_ENV / "data"
+
+    @property
+    def sources(self) -> dict[str, Path]:
+        """Archive label -> the directory it is made from."""
+        labels = {f"{old_vm(i)}:/": self.root(old_vm(i)) for i in range(APP_VMS[self.size])}
+        return {**labels, f"{REPLICA}:/": self.root(REPLICA), f"{OLD_ENV}:/data": self.data}
 
 
 def old_vm(index: int) -> str:
@@ -46,29 +64,36 @@ def old_vm(index: int) -> str:
 def build_trees(site: DemoSite) -> int:
     """Root trees for every app VM and the replica, and the shared /data; returns bytes."""
     sizes = SIZES[site.size]
-    written = 0
-    for index in range(APP_VMS[site.size]):
-        root = site.source / "vms" / old_vm(index) / "root"
-        written += make_tree(root, sizes["root"], seed=index, rootfs=True)
-        site.sources[f"{old_vm(index)}:/"] = root
-    replica_root = site.source / "vms" / REPLICA / "root"
+    written = sum(make_tree(site.root(old_vm(i)), sizes["root"], seed=i, rootfs=True)
+                  for i in range(APP_VMS[site.size]))
+    replica_root = site.root(REPLICA)
     written += make_tree(replica_root, TreeSize(200, 0, 0), seed=999, rootfs=True)
     (replica_root / "var/lib/mysql").mkdir(parents=True, exist_ok=True)
     (replica_root / "var/lib/mysql/ibdata1").write_bytes(b"\0" * 4096)  # excluded: data dir
-    site.sources[f"{REPLICA}:/"] = replica_root
-    data = site.source / "envs" / OLD_ENV / "data"
-    written += make_tree(data, sizes["data"], seed=4242)
-    site.sources[f"{OLD_ENV}:/data"] = data
-    return written
+    return written + make_tree(site.data, sizes["data"], seed=4242)
+
+
+@dataclass(frozen=True)
+class MysqlAddress:
+    host: str
+    port: int
+    user: str
+    password: str
+
+
+def mysql_address(mysql_url: str) -> MysqlAddress:
+    """`[mysql://][user[:password]@]host[:port]`, defaulting to root@127.0.0.1:3306."""
+    parsed = urlparse(mysql_url if "://" in mysql_url else f"mysql://{mysql_url}")
+    return MysqlAddress(parsed.hostname or "127.0.0.1", parsed.port or 3306,
+                        parsed.username or "root", parsed.password or "")
 
 
 def _connect(mysql_url: str) -> Any:
     import pymysql
 
-    parsed = urlparse(mysql_url if "://" in mysql_url else f"mysql://{mysql_url}")
-    return pymysql.connect(host=parsed.hostname or "127.0.0.1", port=parsed.port or 3306,
-                           user=parsed.username or "root", password=parsed.password or "",
-                           connect_timeout=5, autocommit=True)
+    address = mysql_address(mysql_url)
+    return pymysql.connect(host=address.host, port=address.port, user=address.user,
+                           password=address.password, connect_timeout=5, autocommit=True)
 
 
 def drop_database(mysql_url: str, name: str) -> None:
@@ -115,15 +140,15 @@ def build_database(site: DemoSite, mysql_url: str) -> str | None:
 def inventory(site: DemoSite) -> dict[str, Any]:
     vms: dict[str, Any] = {}
     for index in range(APP_VMS[site.size]):
-        root = site.source / "vms" / old_vm(index) / "root"
+        root = site.root(old_vm(index))
         vms[old_vm(index)] = {
             "datacenter": DATACENTER, "xen_host": "xen-demo", "ssh": site.address,
             "filesystems": [{"mountpoint": "/", "device": f"/dev/vg_demo/{old_vm(index)}-root",
-                             "fs_type": "ext4", "used_bytes": _du(root),
+                             "fs_type": "ext4", "used_bytes": du(root),
                              "size_bytes": 16 << 30, "snapshot_driver": "none",
                              "path": str(root)}],
         }
-    data = site.source / "envs" / OLD_ENV / "data"
+    data = site.data
     databases = {site.database: {"size_bytes": 0}} if site.database else {}
     server = {"datacenter": DATACENTER, "engine": "mysql", "version": "5.0.51",
               "ssh": site.address,
@@ -134,13 +159,13 @@ def inventory(site: DemoSite) -> dict[str, Any]:
         "vms": vms,
         "environments": {OLD_ENV: {
             "datacenter": DATACENTER, "vms": list(vms),
-            "shared_filesystems": [{"mountpoint": "/data", "used_bytes": _du(data),
+            "shared_filesystems": [{"mountpoint": "/data", "used_bytes": du(data),
                                     "mounted_on": [old_vm(0)], "path": str(data)}],
         }},
         "database_servers": {
             MASTER: {**server, "role": "master", "replicas": [REPLICA]},
             REPLICA: {**server, "role": "replica", "master": MASTER,
-                      "root": str(site.source / "vms" / REPLICA / "root"),
+                      "root": str(site.root(REPLICA)),
                       "pause_replication": False},
         },
     }
@@ -192,12 +217,16 @@ def build_site(workdir: Path, size: str, mysql_url: str | None,
     site = DemoSite(workdir=workdir, size=size, address=address)
     build_trees(site)
     why_no_db = build_database(site, mysql_url) if mysql_url else "no MariaDB URL given"
-    site.inventory_path = workdir / "inventory.yaml"
-    site.inventory_path.write_text(yaml.safe_dump(inventory(site), sort_keys=False))
-    site.document_path = workdir / "migration.json"
-    site.document_path.write_text(json.dumps(document(site), indent=2))
+    write_description(site)
     return site, why_no_db
 
 
-def _du(path: Path) -> int:
+def write_description(site: DemoSite) -> None:
+    """The site's inventory.yaml and migration.json, as they stand now."""
+    site.inventory_path.write_text(yaml.safe_dump(inventory(site), sort_keys=False))
+    site.document_path.write_text(json.dumps(document(site), indent=2))
+
+
+def du(path: Path) -> int:
+    """Bytes in regular files under `path` (what `df` would call used, roughly)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())

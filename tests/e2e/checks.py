@@ -3,7 +3,6 @@ source tree; every database dump, restored, equals its source rows."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import uuid
@@ -15,6 +14,7 @@ from sqlalchemy import create_engine, select
 
 from services.archiver.sources import ROOT_EXCLUDES
 from services.intake.tables import migration_jobs
+from shared.demo import file_sha256
 from tests.support.trees import describe
 
 
@@ -25,14 +25,6 @@ def jobs_of(intake_db_url: str, migration_id: str) -> list[Any]:
             migration_jobs.c.migration_id == migration_id)).all()
     engine.dispose()
     return list(rows)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _decompress(path: Path) -> list[str]:
@@ -112,7 +104,7 @@ def check_destination(destination: Path, jobs: list[Any], source_database: str |
         if path.name in checked:
             continue
         checked.add(path.name)
-        assert _sha256(path) == archive["sha256"], f"{job.label}: sha256 differs"
+        assert file_sha256(path) == archive["sha256"], f"{job.label}: sha256 differs"
         source = job.source if isinstance(job.source, dict) else json.loads(job.source)
         if job.kind == "database":
             assert source_database, "a database archive without a source database"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,14 +15,10 @@ from typing import Any
 
 import httpx
 
+from shared.loopback_sshd import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("intake", "resolver", "snapshotter", "transfer")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from services.intake.stats import render_stats
 from shared.contracts import MigrationCompleted, MigrationResolved, TransferCompleted
 from tests.integration.test_intake_api import AUTH, open_intake
@@ -61,6 +63,9 @@ def test_stats_count_kinds_find_largest_and_average_transfer_rate(tmp_path: Path
         assert abs(stats["transfer"]["mb_per_s"] - 460_000 / 65_000) < 1e-6
         assert stats["transfer"]["longest"]["label"] == SHARED.label
         # And the table renders, and an unknown migration is a 404
-        assert render_stats(stats) is not None
+        console = Console(width=200, record=True)
+        console.print(render_stats(stats))
+        table = console.export_text()
+        assert "318.0 GB" in table and "287.0 GB" in table and "7.1 MB/s" in table
         assert intake.client.get("/migrations/nope/stats", headers=AUTH).status_code == 404
         assert intake.client.get("/stats", headers=AUTH).json()["archives"]["total"] == 4
