@@ -31,6 +31,7 @@ from services.intake.views import (
     MigrationStatus,
     ProblemList,
     list_migrations,
+    migration_exists,
     migration_status,
     status_url,
     stored_document,
@@ -158,7 +159,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     ) -> dict[str, Any]:
         """The field report's archive statistics for one migration."""
         with engine.connect() as connection:
-            if migration_status(connection, migration_id) is None:
+            if not migration_exists(connection, migration_id):
                 raise HTTPException(404, detail=f"no migration {migration_id!r}")
             return migration_stats(connection, migration_id)
 

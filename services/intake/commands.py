@@ -17,7 +17,8 @@ from services.intake.client import (
     IntakeUnreachableError,
     default_url,
 )
-from services.intake.display import FINAL, render_status
+from services.intake.display import render_status
+from services.intake.handlers import FINAL
 from services.intake.stats import render_stats
 from shared.settings import Settings
 

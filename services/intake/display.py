@@ -9,7 +9,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-FINAL = {"completed", "failed"}
 _STATUS_STYLE = {"completed": "green", "failed": "red", "archiving": "cyan"}
 _STATE_STYLE = {"transferred": "green", "failed": "red", "retrying": "yellow",
                 "archived": "cyan"}

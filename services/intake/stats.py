@@ -36,11 +36,8 @@ def migration_stats(connection: Connection, migration_id: str | None = None) -> 
         if row.transfer and row.transfer.get("duration_s") is not None:
             transfers.append({"label": row.label, **row.transfer})
     m = migrations
-    window = select(func.min(m.c.created_at), func.max(m.c.updated_at),
-                    func.count()).where(m.c.status == "completed")
-    if migration_id is not None:
-        window = select(func.min(m.c.created_at), func.max(m.c.updated_at),
-                        func.count()).where(m.c.id == migration_id)
+    window = select(func.min(m.c.created_at), func.max(m.c.updated_at), func.count()).where(
+        m.c.status == "completed" if migration_id is None else m.c.id == migration_id)
     first, last, count = connection.execute(window).one()
     by_kind = {kind: [a for a in archives.values() if a["kind"] == kind] for kind in KINDS}
     return {

@@ -41,13 +41,12 @@ def accept_document(body: bytes, document: MigrationDocument, *, uow: UnitOfWork
     Raises IdempotencyConflictError when the key was used with a different body.
     """
     digest = hashlib.sha256(body).hexdigest()
-    if idempotency_key is None:
-        return _accept(body, document, digest, uow=uow, migration_id=migration_id,
-                       idempotency_key=None)
     try:
         return _accept(body, document, digest, uow=uow, migration_id=migration_id,
                        idempotency_key=idempotency_key)
     except IntegrityError as collision:
+        if idempotency_key is None:
+            raise
         # Another request with the same key may have committed between our check and our
         # insert (PostgreSQL; SQLite's BEGIN IMMEDIATE makes check and insert one step).
         # The unit of work was left, so it can be entered again for a fresh transaction.

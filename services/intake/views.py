@@ -131,6 +131,11 @@ def migration_status(connection: Connection, migration_id: str) -> MigrationStat
     )
 
 
+def migration_exists(connection: Connection, migration_id: str) -> bool:
+    return connection.execute(
+        select(migrations.c.id).where(migrations.c.id == migration_id)).first() is not None
+
+
 def stored_document(connection: Connection, migration_id: str) -> str | None:
     """The document exactly as it was submitted; None for an unknown migration (or one
     intake heard of only from events)."""
