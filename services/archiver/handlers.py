@@ -12,7 +12,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from services.archiver.records import completed_event, insert_ignoring_conflicts
+from services.archiver.records import (
+    completed_event,
+    insert_ignoring_conflicts,
+    payload_snapshot,
+)
 from services.archiver.sources import ArchiveOrder, SnapshotExport, validate_order
 from services.archiver.tables import COMPLETED, FAILED, WAITING, archive_jobs, archive_requests
 from shared.contracts import ArchiveFailed, ArchiveRequested, SnapshotReady, SnapshotReleased
@@ -112,8 +116,7 @@ def _take_new_snapshot(connection: Any, archive_id: str, order: ArchiveOrder) ->
                              .with_for_update()).first()
     if job is None or job.state not in (PENDING, RUNNING):
         return
-    current = ((job.payload or {}).get("snapshot") or {}).get("snapshot_id")
-    if current == order.snapshot.snapshot_id:
+    if payload_snapshot(job.payload).get("snapshot_id") == order.snapshot.snapshot_id:
         return  # the same snapshot.ready again
     values: dict[str, Any] = {"payload": order.model_dump(mode="json"), "updated_at": time.time()}
     if job.state == PENDING:
@@ -143,7 +146,7 @@ def _mark_invalidated(connection: Any, event: SnapshotReleased) -> None:
         return
     job = connection.execute(select(archive_jobs).where(
         archive_jobs.c.id == request.archive_id).with_for_update()).first()
-    snapshot = dict(((job.payload or {}).get("snapshot") or {}) if job is not None else {})
+    snapshot = payload_snapshot(job.payload if job is not None else None)
     if job is None or job.state not in (PENDING, RUNNING) or \
             snapshot.get("snapshot_id") != event.snapshot_id:
         return  # finished already, or it reads another (newer) snapshot

@@ -27,6 +27,8 @@ from services.archiver.records import (
     complete_waiting,
     fail_waiting,
     failure_details,
+    payload_snapshot,
+    snapshot_id,
     waiting_requests,
 )
 from services.archiver.replicas import Replica
@@ -196,8 +198,7 @@ class Archiver:
         with self.uow() as uow:
             job = uow.connection.execute(
                 select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
-            if _snapshot(job.payload).get("snapshot_id") != \
-                    _snapshot(lease.job.payload).get("snapshot_id"):
+            if snapshot_id(job) != snapshot_id(lease.job):
                 # a newer snapshot.ready came while this attempt read the old snapshot: run
                 # again from the new one; no answer for the old (the snapshotter released it)
                 lease.leases.update(uow.connection, lease.job_id, lease.owner, state=PENDING,
@@ -205,7 +206,7 @@ class Archiver:
                                     next_run_at=time.time(), error=str(error)[-4000:])
                 uow.commit()
                 return
-            invalidated = str(_snapshot(job.payload).get("invalidated") or "")
+            invalidated = str(payload_snapshot(job.payload).get("invalidated") or "")
             reason = f"{type(error).__name__}: {error}"
             if invalidated and not isinstance(error, SnapshotInvalidatedError):
                 reason = f"snapshot invalidated ({invalidated}); reading it failed: {reason}"
@@ -214,11 +215,6 @@ class Archiver:
                                 finished_at=time.time())
             fail_waiting(uow, job, reason, details, will_retry=bool(invalidated))
             uow.commit()
-
-
-def _snapshot(payload: Any) -> dict[str, Any]:
-    snapshot = (payload or {}).get("snapshot") or {}
-    return dict(snapshot)
 
 
 class _ProgressReporter:

@@ -48,11 +48,15 @@ def completed_event(job: Row[Any], request_id: str, reused: bool) -> ArchiveComp
         warnings=tuple(job.warnings or ()), reused=reused, snapshot_id=snapshot_id(job))
 
 
+def payload_snapshot(payload: Any) -> dict[str, Any]:
+    """A copy of the job payload's snapshot ({} for kinds other than local_fs)."""
+    return dict((payload or {}).get("snapshot") or {})
+
+
 def snapshot_id(job: Row[Any]) -> str:
     """The snapshot a local_fs archive read ("" for other kinds): the snapshotter tells its
     attempts apart by it."""
-    snapshot = (job.payload or {}).get("snapshot") or {}
-    return str(snapshot.get("snapshot_id", ""))
+    return str(payload_snapshot(job.payload).get("snapshot_id", ""))
 
 
 def failure_details(error: BaseException, host: str) -> dict[str, str]:

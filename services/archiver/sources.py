@@ -134,10 +134,11 @@ def nice_prefix(settings: Settings) -> list[str]:
 
 
 def tar_command(path: str, excludes: list[str], settings: Settings, *,
-                one_file_system: bool = False) -> SourceCommand:
-    """`tar -C path -cpf - .`, names sorted (deterministic), numeric owners, holes kept."""
-    argv = [*nice_prefix(settings), "tar", "-C", path, "--sort=name", "--numeric-owner",
-            "--sparse"]
+                one_file_system: bool = False, niced: bool = True) -> SourceCommand:
+    """`tar -C path -cpf - .`, names sorted (deterministic), numeric owners, holes kept;
+    under nice_prefix unless `niced` is False."""
+    argv = [*(nice_prefix(settings) if niced else []), "tar", "-C", path, "--sort=name",
+            "--numeric-owner", "--sparse"]
     if one_file_system:
         argv.append("--one-file-system")
     if excludes:
@@ -215,8 +216,6 @@ def snapshot_command(order: ArchiveOrder, mounted: str, settings: Settings) -> S
     """tar of a snapshot mounted read-only on the archiver (run here, not on the Xen host):
     the whole filesystem, the source's excludes relative to its root."""
     excludes = [member_pattern(p) for p in order.source.excludes]
-    command = tar_command(mounted, excludes, settings)
     # no nice/ionice here: this reads the archiver's own FUSE/nbd mount; the Xen host's
     # load is nbd-server's, and the archiver's CPU is what compresses
-    argv = command.argv[len(nice_prefix(settings)):]
-    return SourceCommand(argv, command.ok_exits, command.extension)
+    return tar_command(mounted, excludes, settings, niced=False)

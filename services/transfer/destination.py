@@ -49,12 +49,15 @@ class Destination:
         return self.host is None
 
     @property
+    def _login(self) -> str:
+        """`user@host`, an IPv6 host in brackets (remote destinations only)."""
+        host = f"[{self.host}]" if self.host is not None and ":" in self.host else self.host
+        return f"{self.user}@{host}"
+
+    @property
     def address(self) -> str:
         """`user@host:port` for the host layer and messages; `local` for a directory."""
-        if self.host is None:
-            return "local"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
+        return "local" if self.host is None else f"{self._login}:{self.port}"
 
     def file_path(self, migration_id: str, file_name: str) -> str:
         """The archive's absolute path at the destination. Raises UnsafeNameError."""
@@ -63,10 +66,7 @@ class Destination:
 
     def rsync_target(self, path: str) -> str:
         """rsync's destination argument for `path`: `user@host:path`, or the path itself."""
-        if self.host is None:
-            return path
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{path}"
+        return path if self.host is None else f"{self._login}:{path}"
 
 
 def parse_destination(text: str | None, settings: Settings) -> Destination:

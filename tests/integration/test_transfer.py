@@ -100,6 +100,16 @@ def start(settings: Settings, services: list[Service], **options: Any) -> Servic
     return service
 
 
+def send_one(settings: Settings, services: list[Service], source: Path,
+             sha256: str) -> tuple[Service, Migration]:
+    """The service started, then a migration of one request r1 whose archive a1 is `source`."""
+    service = start(settings, services)
+    migration = Migration("memory://")
+    migration.resolve("r1")
+    migration.archive("r1", "a1", source, sha256)
+    return service, migration
+
+
 def job_of(service: Service, archive_id: str) -> Any:
     with service.engine.connect() as connection:
         return connection.execute(
@@ -169,11 +179,9 @@ def test_archive_of_200_mib_is_transferred_and_verified(
     # Given a 200 MiB archive in staging and the transfer service sending to the sshd
     source, digest = make_archive(tmp_path, 200 * MiB)
     root = tmp_path / "new-site"
-    service = start(remote_settings(server, root, tmp_path), services)
-    migration = Migration("memory://")
     # When the migration expects one request and its archive is completed
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, digest)
+    service, migration = send_one(remote_settings(server, root, tmp_path), services, source,
+                                  digest)
     # Then the file arrives whole, its sha256 checked at the destination
     job = wait_job(service, "a1", "done")
     arrived = root / migration.id / source.name
@@ -196,10 +204,9 @@ def test_connection_killed_at_half_resumes_and_sends_less_than_60_percent_again(
     size = 64 * MiB
     source, digest = make_archive(tmp_path, size)
     root = tmp_path / "new-site"
-    service = start(remote_settings(server, root, tmp_path, transfer_bwlimit_kbps=8192), services)
-    migration = Migration("memory://")
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, digest)
+    service, migration = send_one(
+        remote_settings(server, root, tmp_path, transfer_bwlimit_kbps=8192), services, source,
+        digest)
     # When the connection dies (its ssh killed) once half the file is at the destination
     arriving = root / migration.id / source.name
     wait_for(lambda: arriving.exists() and arriving.stat().st_size >= size // 2, timeout=30,
@@ -227,10 +234,8 @@ def test_corrupted_byte_at_the_destination_is_detected_and_repaired(
     # Given an archive transferred and verified
     source, digest = make_archive(tmp_path, 8 * MiB)
     root = tmp_path / "new-site"
-    service = start(remote_settings(server, root, tmp_path), services)
-    migration = Migration("memory://")
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, digest)
+    service, migration = send_one(remote_settings(server, root, tmp_path), services, source,
+                                  digest)
     job = wait_job(service, "a1", "done")
     # When one byte of the copy flips silently (size and mtime unchanged)
     arrived = root / migration.id / source.name
@@ -267,11 +272,9 @@ def test_unknown_or_changed_host_key_is_refused_and_nothing_is_sent(
         known_hosts.write_text(f"[{server.host}]:{server.port} {impostor}\n")
     source, digest = make_archive(tmp_path, 1 * MiB)
     root = tmp_path / "new-site"
-    service = start(remote_settings(server, root, tmp_path, ssh_known_hosts_path=known_hosts),
-                    services)
-    migration = Migration("memory://")
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, digest)
+    service, _ = send_one(
+        remote_settings(server, root, tmp_path, ssh_known_hosts_path=known_hosts), services,
+        source, digest)
     # Then the transfer fails at once with an error that names the host key, nothing sent
     job = wait_job(service, "a1", "failed")
     expected = "host key unknown" if case == "unknown" else "host key CHANGED"
@@ -290,10 +293,7 @@ def test_local_destination_of_the_embedded_default_uses_the_same_path(
     settings = Settings(broker_url="memory://", state_dir=tmp_path / "state",
                         outbox_poll_seconds=0.1, job_poll_seconds=0.1)
     source, digest = make_archive(tmp_path, 4 * MiB)
-    service = start(settings, services)
-    migration = Migration("memory://")
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, digest)
+    service, migration = send_one(settings, services, source, digest)
     # Then the archive is copied by rsync there and verified
     job = wait_job(service, "a1", "done")
     arrived = tmp_path / "state" / "destination" / migration.id / source.name
@@ -307,10 +307,8 @@ def test_copy_that_never_matches_the_recorded_sha256_fails_after_one_resend(
     # Given an archive.completed whose sha256 is not its staging file's
     source, _ = make_archive(tmp_path, 1 * MiB)
     root = tmp_path / "new-site"
-    service = start(remote_settings(server, root, tmp_path), services)
-    migration = Migration("memory://")
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, "0" * 64)
+    service, migration = send_one(remote_settings(server, root, tmp_path), services, source,
+                                  "0" * 64)
     # Then the copy is removed and resent from zero once, then the transfer fails, naming why
     job = wait_job(service, "a1", "failed")
     assert [a.outcome for a in attempts(service, job.id)] == ["sha256_mismatch", "failed"]
@@ -327,10 +325,7 @@ def test_stopped_service_gives_its_transfer_back_and_the_next_one_resumes_it(
     source, digest = make_archive(tmp_path, size)
     root = tmp_path / "new-site"
     settings = remote_settings(server, root, tmp_path, transfer_bwlimit_kbps=8192)
-    first = start(settings, services)
-    migration = Migration("memory://")
-    migration.resolve("r1")
-    migration.archive("r1", "a1", source, digest)
+    first, migration = send_one(settings, services, source, digest)
     wait_for(lambda: bytes_done(first, "a1") >= size // 4, timeout=30, what="a quarter sent")
     # When the service is stopped, then rsync is stopped and the job is pending again,
     # without counting as a failed attempt

@@ -17,13 +17,20 @@ from shared.hosts import LocalExecutor
 from shared.settings import Settings
 
 
-def test_remote_destination_with_user_port_and_path(tmp_path: Path) -> None:
+def test_remote_destination_with_user_port_and_path() -> None:
     destination = parse_destination("backup@10.0.0.5:2222:/srv/ferry/", Settings())
     assert (destination.user, destination.host, destination.port) == ("backup", "10.0.0.5", 2222)
     assert destination.root == "/srv/ferry" and not destination.is_local
     assert destination.file_path("m-1", "a.tar.zst") == "/srv/ferry/m-1/a.tar.zst"
     assert destination.rsync_target("/srv/ferry/m-1/a") == "backup@10.0.0.5:/srv/ferry/m-1/a"
     assert destination.address == "backup@10.0.0.5:2222"
+
+
+def test_ipv6_destination_host_is_bracketed_for_ssh_and_rsync() -> None:
+    destination = parse_destination("backup@[fd00::5]:2222:/srv", Settings())
+    assert destination.host == "fd00::5"
+    assert destination.address == "backup@[fd00::5]:2222"
+    assert destination.rsync_target("/srv/m-1/a") == "backup@[fd00::5]:/srv/m-1/a"
 
 
 def test_remote_destination_defaults_to_ssh_user_and_port_22() -> None:
