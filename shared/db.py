@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+
+from shared.errors import ConfigurationError
 
 
 def make_engine(url: str) -> Engine:
@@ -41,6 +45,25 @@ def make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def dialect_insert(connection: Connection, table: Table) -> Any:
+    """INSERT for this connection's database, with its ON CONFLICT clauses (PostgreSQL and
+    SQLite spell them alike). Raises ConfigurationError for any other database."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise ConfigurationError(f"Ferry runs on PostgreSQL or SQLite, not {dialect}")
+
+
+def insert_ignoring_conflicts(connection: Connection, table: Table,
+                              values: Mapping[str, Any]) -> bool:
+    """INSERT, doing nothing when a unique key already exists (on PostgreSQL after waiting
+    for a concurrent inserter to commit). True when the row was inserted."""
+    statement = dialect_insert(connection, table).values(dict(values)).on_conflict_do_nothing()
+    return bool(connection.execute(statement).rowcount == 1)
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -26,9 +25,9 @@ from sqlalchemy import (
     Text,
     insert,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from shared.contracts import Event
+from shared.db import insert_ignoring_conflicts
 from shared.envelope import Envelope
 
 metadata = MetaData()
@@ -61,15 +60,8 @@ class Inbox:
 
     def claim(self, message_id: object, handler: str) -> bool:
         """True the first time (message, handler) is seen; False for a duplicate or replay."""
-        values = {"message_id": str(message_id), "handler": handler, "received_at": time.time()}
-        dialect = self._connection.dialect.name
-        if dialect == "postgresql":
-            stmt: Any = postgresql.insert(inbox_table).values(values).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            stmt = sqlite.insert(inbox_table).values(values).on_conflict_do_nothing()
-        else:  # pragma: no cover - Ferry runs on PostgreSQL and SQLite only
-            raise RuntimeError(f"unsupported database {dialect}")
-        return bool(self._connection.execute(stmt).rowcount == 1)
+        return insert_ignoring_conflicts(self._connection, inbox_table, {
+            "message_id": str(message_id), "handler": handler, "received_at": time.time()})
 
 
 class Outbox:

@@ -12,14 +12,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from services.archiver.records import (
-    completed_event,
-    insert_ignoring_conflicts,
-    payload_snapshot,
-)
+from services.archiver.records import completed_event, payload_snapshot
 from services.archiver.sources import ArchiveOrder, SnapshotExport, validate_order
 from services.archiver.tables import COMPLETED, FAILED, WAITING, archive_jobs, archive_requests
 from shared.contracts import ArchiveFailed, ArchiveRequested, SnapshotReady, SnapshotReleased
+from shared.db import insert_ignoring_conflicts
 from shared.envelope import Envelope
 from shared.errors import PermanentError
 from shared.inbox_outbox import UnitOfWork

@@ -12,8 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Row, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Row, select, update
 
 from services.archiver.tables import COMPLETED, FAILED, WAITING, archive_requests
 from shared.contracts import ArchiveCompleted, ArchiveFailed
@@ -21,16 +20,6 @@ from shared.errors import CommandError
 from shared.inbox_outbox import UnitOfWork
 
 STDERR_TAIL = 2000  # characters of stderr an archive.failed carries
-
-
-def insert_ignoring_conflicts(connection: Connection, table: Table,
-                              values: dict[str, Any]) -> bool:
-    """INSERT, doing nothing when a unique key already exists (on PostgreSQL after waiting
-    for a concurrent inserter to commit). True when the row was inserted."""
-    dialect = connection.dialect.name
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(table).values(values).on_conflict_do_nothing()
-    return bool(connection.execute(statement).rowcount == 1)
 
 
 def _when(timestamp: float | None) -> datetime:

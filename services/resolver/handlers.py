@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from services.resolver.allocation import Allocator, PoolExhaustedError
 from services.resolver.inventory import Inventory
@@ -22,6 +21,7 @@ from services.resolver.planning import Plan, plan_archives
 from services.resolver.resolution import needs_of, resolve_document
 from services.resolver.tables import ID, resolutions
 from shared.contracts import MigrationFailed, MigrationResolved, MigrationSubmitted
+from shared.db import dialect_insert
 from shared.document import MigrationDocument, validate_document
 from shared.envelope import Envelope
 from shared.errors import ConfigurationError, PermanentError
@@ -130,8 +130,7 @@ def _record(connection: Connection, migration_id: str, customer_id: str,
               "message_id": str(message_id), "allocations": resolved.allocations,
               "jobs": [job.model_dump(mode="json") for job in resolved.jobs],
               "resolved_at": time.time()}
-    insert: Any = (postgresql.insert if connection.dialect.name == "postgresql"
-                   else sqlite.insert)(resolutions).values(values)
+    insert = dialect_insert(connection, resolutions).values(values)
     # A replay keeps the same allocations; the jobs are what the inventory says now.
     connection.execute(insert.on_conflict_do_update(
         index_elements=[resolutions.c.migration_id],

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, delete, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 from services.resolver.tables import internal_ips, name_sequences, public_ips, vlans
+from shared.db import dialect_insert
 from shared.errors import ConfigurationError
 from shared.settings import Settings
 
@@ -173,9 +174,8 @@ def insert_ignoring_duplicates(connection: Connection, table: Table,
                                rows: Sequence[dict[str, Any]]) -> None:
     """INSERT … ON CONFLICT DO NOTHING (safe when several processes seed at once), as
     multi-row statements: one round trip per chunk instead of one per row."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     for start in range(0, len(rows), CHUNK):
-        stmt: Any = dialect.insert(table).values(list(rows[start:start + CHUNK]))
+        stmt = dialect_insert(connection, table).values(list(rows[start:start + CHUNK]))
         connection.execute(stmt.on_conflict_do_nothing())
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from services.snapshotter import exports
 from services.snapshotter.devicemapper import SNAPSHOT_ID
@@ -27,6 +26,7 @@ from services.snapshotter.drivers import Driver, SnapshotSpec, StepHook, driver_
 from services.snapshotter.handlers import ACTIVE, AFTER_FAILURE
 from services.snapshotter.tables import snapshot_hosts, snapshot_jobs
 from shared.contracts import SnapshotFailed, SnapshotReady, SnapshotReleased, SnapshotRequested
+from shared.db import insert_ignoring_conflicts
 from shared.errors import FerryError, LeaseLostError
 from shared.hosts import Host, HostPool
 from shared.inbox_outbox import UnitOfWork
@@ -63,9 +63,7 @@ class SnapshotWork:
         """Take a slot on the job's host; (admitted, slots in use by others)."""
         job, t = lease.job, snapshot_jobs
         with self.engine.begin() as connection:
-            dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-            connection.execute(dialect.insert(snapshot_hosts).values(xen_host=job.xen_host)
-                               .on_conflict_do_nothing())
+            insert_ignoring_conflicts(connection, snapshot_hosts, {"xen_host": job.xen_host})
             connection.execute(select(snapshot_hosts).where(
                 snapshot_hosts.c.xen_host == job.xen_host).with_for_update())
             used = connection.execute(select(func.count()).select_from(t).where(

@@ -17,6 +17,7 @@ from services.transfer import ledger
 from services.transfer.destination import safe_component
 from services.transfer.tables import transfer_migrations, transfer_requests, transfers
 from shared.contracts import ArchiveCompleted, ArchiveFailed, MigrationResolved, TransferFailed
+from shared.db import insert_ignoring_conflicts
 from shared.envelope import Envelope
 from shared.errors import PermanentError
 from shared.inbox_outbox import UnitOfWork
@@ -39,7 +40,7 @@ def record_expected_requests(event: MigrationResolved, envelope: Envelope, *, uo
         connection, migration_id = uow.connection, envelope.migration_id
         ledger.lock_migration(connection, migration_id)
         for job in event.jobs:
-            ledger.insert_ignore(connection, transfer_requests, {
+            insert_ignoring_conflicts(connection, transfer_requests, {
                 "migration_id": migration_id, "request_id": job.request_id, "kind": job.kind,
                 "state": ledger.EXPECTED, "updated_at": time.time()})
         m = transfer_migrations
@@ -69,7 +70,7 @@ def record_archive(event: ArchiveCompleted, envelope: Envelope, *, uow: UnitOfWo
                    "file_name": event.file_name, "sha256": event.sha256,
                    "bytes": event.compressed_bytes, "datacenter": event.datacenter,
                    "kind": event.kind}
-        ledger.insert_ignore(connection, transfers, new_job_values(
+        insert_ignoring_conflicts(connection, transfers, new_job_values(
             job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,
             archive_id=event.archive_id, destination=destination, verify_failures=0))
         ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,

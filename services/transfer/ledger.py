@@ -11,11 +11,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, Row, Table, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Row, func, select, update
 
 from services.transfer.tables import transfer_migrations, transfer_requests, transfers
 from shared.contracts import MigrationCompleted, MigrationFailed, TransferCompleted, TransferFailed
+from shared.db import insert_ignoring_conflicts
 from shared.envelope import Envelope
 from shared.inbox_outbox import Outbox
 
@@ -23,17 +23,9 @@ EXPECTED, TRANSFERRING, TRANSFERRED = "expected", "transferring", "transferred"
 FAILED, ARCHIVE_FAILED = "failed", "archive_failed"
 
 
-def insert_ignore(connection: Connection, table: Table, values: Mapping[str, Any]) -> bool:
-    """Insert unless the primary key exists; True when inserted."""
-    dialect = connection.dialect.name
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(table).values(dict(values)).on_conflict_do_nothing()
-    return bool(connection.execute(statement).rowcount == 1)
-
-
 def lock_migration(connection: Connection, migration_id: str) -> Row[Any]:
     """The migration's row, created if new, locked until the transaction ends."""
-    insert_ignore(connection, transfer_migrations, {
+    insert_ignoring_conflicts(connection, transfer_migrations, {
         "migration_id": migration_id, "resolved": False, "created_at": time.time()})
     t = transfer_migrations
     return connection.execute(
@@ -44,7 +36,7 @@ def put_request(connection: Connection, migration_id: str, request_id: str,
                 **values: Any) -> None:
     """Create or update one request's row (the migration must be locked)."""
     values["updated_at"] = time.time()
-    created = insert_ignore(connection, transfer_requests, {
+    created = insert_ignoring_conflicts(connection, transfer_requests, {
         "migration_id": migration_id, "request_id": request_id, "state": EXPECTED, **values})
     if not created:
         r = transfer_requests
