@@ -117,8 +117,9 @@ def resume(host: Host, name: str) -> None:
 
 
 def clear(host: Host, name: str) -> None:
-    """Drop an inactive (loaded, not yet resumed) table, so a resume keeps the live one."""
-    host.run(["dmsetup", "clear", name], timeout=TIMEOUT)
+    """Drop an inactive (loaded, not yet resumed) table, so a resume keeps the live one.
+    Idempotent: having no inactive table to drop is fine."""
+    host.run(["dmsetup", "clear", name], timeout=TIMEOUT, ok_exits=(0, 1))
 
 
 def remove(host: Host, name: str) -> None:

@@ -67,6 +67,11 @@ class Driver(Protocol):
         ...
 
 
+def cow_size(wanted: int) -> int:
+    """The COW size made for `wanted` bytes: whole MiB, at least MIN_COW_BYTES."""
+    return max(MIN_COW_BYTES, -(-wanted // MIB) * MIB)
+
+
 def _noop(_step: str) -> None:
     return None
 
@@ -107,7 +112,7 @@ class DmDriver:
                for line in live.splitlines()):
             raise dm.OriginError(f"{host.name}: {spec.device} ({origin}) already has a snapshot")
         sectors = dm.size_sectors(host, spec.device)
-        cow_bytes = max(MIN_COW_BYTES, -(-spec.cow_bytes // MIB) * MIB)
+        cow_bytes = cow_size(spec.cow_bytes)
         sid = spec.snapshot_id
         real, snap = f"{sid}-real", f"{sid}-snap"
         try:
@@ -139,7 +144,7 @@ class DmDriver:
         for attempt in range(3):  # an SSH connection lost mid-create is reopened by the host
             try:
                 if dm.is_suspended(host, origin):
-                    host.run(["dmsetup", "clear", origin], timeout=TIMEOUT, ok_exits=(0, 1))
+                    dm.clear(host, origin)
                     dm.resume(host, origin)
                 return
             except FerryError:
@@ -224,7 +229,7 @@ class LvmDriver:
                       timeout=TIMEOUT).stdout.decode().strip()
         if not vg:
             raise PermanentError(f"{host.name}: {device} is not a logical volume")
-        cow_bytes = max(MIN_COW_BYTES, -(-spec.cow_bytes // MIB) * MIB)
+        cow_bytes = cow_size(spec.cow_bytes)
         name = f"{spec.snapshot_id}-snap"
         host.run(["lvcreate", "-y", "-s", "-n", name, "-L", f"{cow_bytes}b", device],
                  timeout=TIMEOUT)

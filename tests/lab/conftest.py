@@ -14,7 +14,6 @@ import pytest
 
 from services.snapshotter.bootstrap import SnapshotterService, bootstrap
 from services.snapshotter.drivers import StepHook
-from shared.addresses import host_pool
 from shared.settings import Settings
 from tests.lab.guest import Guest
 from tests.lab.vm import LabVM
@@ -61,7 +60,7 @@ def make_snapshotter(lab: Guest, tmp_path: Path) -> Iterator[object]:
 
     def make(on_step: StepHook | None = None, **overrides: object) -> SnapshotterService:
         settings = lab_settings(lab.vm, tmp_path, **overrides)
-        service = bootstrap(settings, hosts=host_pool(settings), on_step=on_step)
+        service = bootstrap(settings, on_step=on_step)
         service.start()
         started.append(service)
         return service

@@ -87,8 +87,13 @@ def archive(service: SnapshotterService, ready: SnapshotReady, run_dir: Path) ->
     with attach_export(tunnel_host, ready.export_name, ready.port, run_dir=run_dir) as mounted:
         tar = subprocess.run(["tar", "--sort=name", "--numeric-owner", "-C", str(mounted),
                               "-cf", "-", "."], capture_output=True, check=True, timeout=300)
+    return tar_hashes(tar.stdout)
+
+
+def tar_hashes(tar: bytes) -> dict[str, str]:
+    """{path in the tar archive: sha256} of its regular files."""
     hashes = {}
-    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive_file:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive_file:
         for member in archive_file.getmembers():
             data = archive_file.extractfile(member) if member.isfile() else None
             if data is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from tests.lab.vm import LabVM
+from tests.support.helpers import wait_for
 
 # Appends a counter (fsynced) and rewrites a few blocks, forever: a VM in use.
 WRITER = (
@@ -25,8 +26,8 @@ class Guest:
     def start_writer(self, vm: str = "vm1") -> None:
         self.sh(f"rm -f /mnt/{vm}/writer.log; setsid sh -c '{WRITER.format(vm=vm)}' "
                 f"</dev/null >/dev/null 2>&1 & echo $! > /run/writer-{vm}.pid")
-        self.wait_for(lambda: int(self.sh(f"wc -l < /mnt/{vm}/writer.log 2>/dev/null || "
-                                          "echo 0").strip() or 0) >= 2, "the writer writes")
+        wait_for(lambda: int(self.sh(f"wc -l < /mnt/{vm}/writer.log 2>/dev/null || "
+                                     "echo 0").strip() or 0) >= 2, 60, "the writer writes")
 
     def stop_writer(self, vm: str = "vm1") -> int:
         """Stop the writer; the last counter it wrote."""
@@ -70,12 +71,3 @@ class Guest:
                       f"2>&1; rc=$?; mount /dev/mapper/lab-{vm} /mnt/{vm}; echo rc=$rc; "
                       "cat /tmp/fsck.out")
         return "" if out.startswith("rc=0") else out
-
-    @staticmethod
-    def wait_for(predicate: object, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():  # type: ignore[operator]
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")

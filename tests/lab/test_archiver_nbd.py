@@ -4,13 +4,11 @@ real snapshotter, nbd over the SSH tunnel, mounted read-only here, tar + zstd he
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,14 +21,14 @@ from sqlalchemy import select
 from services.archiver.bootstrap import bootstrap as bootstrap_archiver
 from services.snapshotter.bootstrap import SnapshotterService
 from services.snapshotter.bootstrap import bootstrap as bootstrap_snapshotter
-from shared.addresses import host_pool
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
 from shared.settings import Settings
 from tests.lab.conftest import lab_settings
-from tests.lab.flow import request, wait_event
+from tests.lab.flow import request, tar_hashes, wait_event
 from tests.lab.guest import Guest
+from tests.support.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +38,7 @@ def services(lab: Guest, tmp_path: Path) -> Iterator[tuple[SnapshotterService, S
     """The real snapshotter and the real archiver (datacenter "lab") on one memory:// bus."""
     settings = lab_settings(lab.vm, tmp_path, staging_dir=tmp_path / "staging",
                             nbd_run_dir=tmp_path / "nbd")
-    snapshotter = bootstrap_snapshotter(settings, hosts=host_pool(settings))
+    snapshotter = bootstrap_snapshotter(settings)
     archiver = bootstrap_archiver(settings, datacenter="lab", concurrency=1)
     snapshotter.start()
     archiver.start()
@@ -72,14 +70,7 @@ def answer(archiver: Service, request_id: str, timeout: float = 180) -> dict[str
 
 def archived_hashes(path: Path) -> dict[str, str]:
     with path.open("rb") as compressed:
-        raw = zstandard.ZstdDecompressor().stream_reader(compressed).read()
-    hashes = {}
-    with tarfile.open(fileobj=io.BytesIO(raw)) as archive_file:
-        for member in archive_file.getmembers():
-            data = archive_file.extractfile(member) if member.isfile() else None
-            if data is not None:
-                hashes[member.name.removeprefix("./")] = hashlib.sha256(data.read()).hexdigest()
-    return hashes
+        return tar_hashes(zstandard.ZstdDecompressor().stream_reader(compressed).read())
 
 
 def host_leftovers(run_dir: Path) -> list[str]:
@@ -162,7 +153,7 @@ def test_archiver_killed_while_the_snapshot_is_mounted_is_cleaned_and_another_co
            "FERRY_SSH_CONNECT_TIMEOUT": "20", "FERRY_LEASE_SECONDS": "6",
            "FERRY_JOB_POLL_SECONDS": "0.2", "FERRY_OUTBOX_POLL_SECONDS": "0.2",
            "FERRY_RETRY_DELAYS": "0.5,1", "FERRY_MAX_ATTEMPTS": "3"}
-    snapshotter = bootstrap_snapshotter(settings, hosts=host_pool(settings))
+    snapshotter = bootstrap_snapshotter(settings)
     snapshotter.start()
     process = subprocess.Popen([sys.executable, "-m", "services.archiver", "--datacenter", "lab"],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -172,8 +163,8 @@ def test_archiver_killed_while_the_snapshot_is_mounted_is_cleaned_and_another_co
         request_id = request(snapshotter, lab.vm.address, "/dev/mapper/lab-vm1")
         ready = wait_event(snapshotter, "snapshot.ready", request_id)
         # When the archiver process is SIGKILLed while it has the snapshot mounted
-        Guest.wait_for(lambda: mounted_by(tmp_path / "nbd") is not None,
-                       "the archiver mounts the snapshot", timeout=120)
+        wait_for(lambda: mounted_by(tmp_path / "nbd") is not None, 120,
+                 "the archiver mounts the snapshot")
         dead_mount = mounted_by(tmp_path / "nbd")
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
