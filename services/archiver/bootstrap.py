@@ -3,19 +3,22 @@ job worker threads that make that datacenter's archives (and only that datacente
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from services.archiver.handlers import HANDLERS, fail_request
 from services.archiver.jobs import Archiver
-from services.archiver.snapshots import MountReconciler, run_dir
+from services.archiver.snapshots import reconcile_mounts, run_dir
 from services.archiver.tables import archive_jobs
 from shared.addresses import host_pool
 from shared.envelope import Envelope
 from shared.jobs import JobWorker, Leases
+from shared.periodic import Periodic
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name
 
+log = logging.getLogger(__name__)
 NAME = "archiver"
 
 
@@ -44,10 +47,15 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
 
     def sweep() -> None:
         archiver.sweep_partials()  # what a worker killed here left, its job since finished
+        try:  # ... and the snapshots it left mounted, once before start() returns
+            reconcile_mounts(run_dir(settings))
+        except Exception as error:  # noqa: BLE001 - the periodic pass tries again
+            log.warning("archiver: undoing dead workers' mounts failed: %s", error)
 
     service.on_start.append(sweep)
-    # snapshots a SIGKILLed worker left mounted here: at start, then every reconcile_seconds
-    mounts = MountReconciler(run_dir(settings), settings.reconcile_seconds)
+    # then every reconcile_seconds
+    mounts = Periodic("archiver-nbd-reconcile", settings.reconcile_seconds,
+                      lambda: reconcile_mounts(run_dir(settings)))
     service.on_start.append(mounts.start)
     service.on_stop.append(mounts.stop)
     return service

@@ -4,14 +4,13 @@ The snapshotter exports the snapshot with nbd-server on the Xen host's 127.0.0.1
 archiver reaches it through an SSH tunnel and mounts it (shared.nbd: the kernel nbd-client,
 else nbdfuse + `losetup -r`; `ro,noload` for ext3/4, see docs/lab.md), so tar and the
 compressor both run here. `shared.nbd.attach_export` undoes all of it on leaving, also on
-failure; `MountReconciler` undoes what a SIGKILLed worker left (its pid is gone).
+failure; `reconcile_mounts` undoes what a SIGKILLed worker left (its pid is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,37 +58,9 @@ def mounted_snapshot(snapshot: SnapshotExport, hosts: HostPool,
         yield mounted
 
 
-class MountReconciler:
-    """Undoes mounts of dead workers at start and every `every` seconds, in a thread."""
-
-    def __init__(self, directory: Path, every: float) -> None:
-        self.directory = directory
-        self.every = every
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def reconcile(self) -> list[str]:
-        """One pass; what it cleaned. Raises nothing: a failed pass is retried next time."""
-        try:
-            cleaned = nbd.reconcile(self.directory)
-        except Exception as error:  # noqa: BLE001 - keep the archiver up, try again later
-            log.warning("nbd reconcile of %s failed: %s", self.directory, error)
-            return []
-        for path in cleaned:
-            log.warning("undid the snapshot mount %s of a dead worker", path)
-        return cleaned
-
-    def start(self) -> None:
-        self.reconcile()
-        self._thread = threading.Thread(target=self._loop, name="archiver-nbd-reconcile",
-                                        daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self.reconcile()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+def reconcile_mounts(directory: Path) -> list[str]:
+    """Undo the snapshot mounts of dead workers; what it cleaned."""
+    cleaned = nbd.reconcile(directory)
+    for path in cleaned:
+        log.warning("undid the snapshot mount %s of a dead worker", path)
+    return cleaned

@@ -9,11 +9,12 @@ from typing import Any
 from services.snapshotter.drivers import StepHook
 from services.snapshotter.handlers import HANDLERS
 from services.snapshotter.jobs import SnapshotWork
-from services.snapshotter.reconciler import Periodic, reconcile, watch_cows
+from services.snapshotter.reconciler import reconcile, watch_cows
 from services.snapshotter.tables import snapshot_jobs
 from shared.addresses import host_pool
 from shared.hosts import HostPool
 from shared.jobs import JobWorker, Leases
+from shared.periodic import Periodic
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name

@@ -14,9 +14,7 @@ under its lease before it touches the host, so nothing found can be mistaken for
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, and_, or_, select, update
@@ -30,34 +28,6 @@ from shared.jobs import PENDING, RUNNING
 
 log = logging.getLogger(__name__)
 REMEMBER_HOSTS_SECONDS = 7 * 86400  # hosts of jobs this recent are visited
-
-
-class Periodic:
-    """Calls `tick` now and then every `seconds` in a daemon thread, until stopped."""
-
-    def __init__(self, name: str, seconds: float, tick: Callable[[], object]) -> None:
-        self.name = name
-        self.seconds = seconds
-        self.tick = tick
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception as error:  # noqa: BLE001 - a bad round must not end the loop
-                log.warning("%s: %s", self.name, error)
-            self._stop.wait(self.seconds)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
 
 def watch_cows(work: SnapshotWork) -> int:

@@ -96,3 +96,27 @@ def test_envelope_ids_are_unique() -> None:
     event = MigrationFailed(stage="s", reason="r")
     ids = {Envelope.wrap(event, migration_id="m").id for _ in range(100)}
     assert len(ids) == 100 and all(isinstance(i, uuid.UUID) for i in ids)
+
+
+def test_periodic_task_survives_a_failing_round_and_stops() -> None:
+    import threading
+
+    from shared.periodic import Periodic
+
+    rounds: list[int] = []
+    third = threading.Event()
+
+    def tick() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise RuntimeError("host unreachable this time")
+        if len(rounds) == 3:
+            third.set()
+
+    task = Periodic("test-periodic", 0.01, tick)
+    task.start()
+    assert third.wait(5), rounds
+    task.stop()
+    done = len(rounds)
+    assert done >= 3
+    assert task._thread is not None and not task._thread.is_alive()
