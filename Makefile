@@ -1,13 +1,12 @@
-.PHONY: setup demo test bench
+.PHONY: demo test bench
 
-setup:
+demo:
 	scripts/setup.sh
-
-demo: setup
 	.venv/bin/ferry demo
 
 test:
 	scripts/test.sh
 
-bench: setup
+bench:
+	scripts/setup.sh --test
 	for b in bench/*.py; do .venv/bin/python $$b; done

@@ -38,15 +38,16 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import select  # noqa: E402
 
+from services.archiver import SCHEMA as ARCHIVER_SCHEMA  # noqa: E402
 from services.archiver.handlers import record_archive_request  # noqa: E402
 from services.archiver.jobs import Archiver  # noqa: E402
 from services.archiver.tables import archive_jobs  # noqa: E402
 from shared.addresses import host_pool  # noqa: E402
 from shared.contracts import ArchiveRequested, ArchiveSource  # noqa: E402
 from shared.envelope import Envelope  # noqa: E402
-from shared.inbox_outbox import UnitOfWork  # noqa: E402
 from shared.jobs import JobWorker, Leases  # noqa: E402
-from shared.runtime import open_database  # noqa: E402
+from shared.retry import RetryPolicy  # noqa: E402
+from shared.runtime import deliver, open_database  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from tests.support.sshd import SshServer  # noqa: E402
 
@@ -169,17 +170,18 @@ def ferry_case(server: SshServer, tree: Path, work: Path, compression: str,
                             compression=compression, source_nice=nice,
                             ssh_key_path=server.user_key_path,
                             ssh_known_hosts_path=server.known_hosts_path, lease_seconds=60)
-        engine = open_database(settings, "archiver")
+        units = open_database(settings, ARCHIVER_SCHEMA)
+        engine = units.engine
         pool = host_pool(settings)
         address = "local" if local else f"{server.user}@{server.host}:{server.port}"
         archiver = Archiver(settings, engine, "bench", pool)
         worker = JobWorker(Leases(engine, archive_jobs, settings.lease_seconds), archiver.run,
+                           units=units, policy=RetryPolicy.from_settings(settings),
                            fail=archiver.fail, name="bench")
         event = ArchiveRequested(datacenter="bench", request_id=uuid.uuid4().hex,
                                  kind="shared_fs", reuse_key=uuid.uuid4().hex,
                                  source=ArchiveSource(host=address, path=str(tree)))
-        record_archive_request(event, Envelope.wrap(event, migration_id="bench"),
-                               uow=UnitOfWork(engine))
+        deliver(record_archive_request, event, Envelope.wrap(event, migration_id="bench"), units)
         assert worker.run_one("bench-worker")
         with engine.connect() as connection:
             job = connection.execute(select(archive_jobs).where(

@@ -24,8 +24,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shared.demo import demo_settings, migrate, start_services
-from shared.demo_site import (
+from ferry.demo import demo_settings, migrate, start_services
+from ferry.demo_site import (
     DemoSite,
     build_database,
     build_trees,

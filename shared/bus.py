@@ -25,6 +25,7 @@ from kombu.mixins import ConsumerMixin
 from shared.contracts import Event
 from shared.envelope import Envelope
 from shared.errors import MalformedMessageError, PermanentError
+from shared.retry import RetryPolicy
 from shared.settings import Settings
 from shared.topology import (
     ATTEMPTS_HEADER,
@@ -135,11 +136,13 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         settings: Settings,
         spec: QueueSpec,
         handlers: Mapping[str, Handler],
+        policy: RetryPolicy,
         on_failure: FailureHook | None = None,
     ) -> None:
         self.settings = settings
         self.spec = spec
         self.handlers = dict(handlers)
+        self.policy = policy
         self.on_failure = on_failure
         self.connection = connect(settings.broker_url)
         self._publisher = Publisher(settings.broker_url)
@@ -206,7 +209,7 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         except Exception as error:  # noqa: BLE001 - anything else is worth another try
             attempts += 1
             detail = "".join(traceback.format_exception_only(error)).strip()
-            if attempts >= self.settings.max_attempts:
+            if self.policy.exhausted(attempts):
                 log.error("%s: %s %s failed %d times: %s", self.spec.name, envelope.type,
                           envelope.id, attempts, detail)
                 self._give_up(message, event, envelope, error, "attempts", attempts)
@@ -241,8 +244,7 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         message.ack()
 
     def _retry(self, message: Message, attempts: int, error: str) -> None:
-        delays = self.settings.retry_delays
-        delay = delays[min(attempts - 1, len(delays) - 1)]
+        delay = self.policy.tier(attempts)
         headers = dict(message.headers or {})
         headers.update({ATTEMPTS_HEADER: attempts, ERROR_HEADER: error[-4000:]})
         if self._ttl:

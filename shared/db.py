@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,21 +71,24 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-def migrations_dir(service: str) -> Path:
-    """Where a service keeps its Alembic scripts: services/<service>/migrations."""
-    import services
+@dataclass(frozen=True)
+class Schema:
+    """A service's database schema: its name (its version table is alembic_version_<name>)
+    and the folder of its Alembic scripts, which the service itself names."""
 
-    return Path(services.__path__[0]) / service / "migrations"
+    name: str
+    migrations: Path
 
 
-def upgrade(engine: Engine, service: str, script_location: Path | None = None) -> None:
+def upgrade(engine: Engine, schema: Schema) -> None:
     """Bring a service's database to its newest revision (own version table per service).
 
     Concurrent callers on PostgreSQL serialise on an advisory lock. Raises
     alembic.util.CommandError when the scripts are missing or inconsistent.
     """
     config = Config()
-    config.set_main_option("script_location", str(script_location or migrations_dir(service)))
+    service = schema.name
+    config.set_main_option("script_location", str(schema.migrations))
     config.attributes["version_table"] = f"alembic_version_{service}"
     with engine.connect() as connection:
         if is_postgres(engine):

@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from shared.document import (
+from shared.document_schema import (
     DocumentError,
     Environment,
     MigrationDocument,

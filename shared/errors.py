@@ -11,6 +11,10 @@ class TransientError(FerryError):
     """Worth retrying later: a host or broker unreachable, a lock timeout, a lost connection."""
 
 
+class ServiceStoppingError(TransientError):
+    """The service is stopping: the work is given back at once, without spending an attempt."""
+
+
 class PermanentError(FerryError):
     """Retrying cannot help: bad input, a missing entity, a refused host key. Dead-letter."""
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     insert,
+    select,
 )
 
 from shared.contracts import Event
@@ -58,6 +59,16 @@ class Inbox:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
 
+    @staticmethod
+    def seen(engine: Engine, message_id: object, handler: str) -> bool:
+        """True when (message, handler) was handled and committed before (a cheap read, so a
+        duplicate is skipped before its handler does anything outside the database)."""
+        with engine.connect() as connection:
+            return connection.execute(
+                select(inbox_table.c.message_id).where(
+                    inbox_table.c.message_id == str(message_id),
+                    inbox_table.c.handler == handler)).first() is not None
+
     def claim(self, message_id: object, handler: str) -> bool:
         """True the first time (message, handler) is seen; False for a duplicate or replay."""
         return insert_ignoring_conflicts(self._connection, inbox_table, {
@@ -87,8 +98,8 @@ class Outbox:
 class UnitOfWork:
     """One transaction on the service's database, with its inbox and outbox.
 
-    `with uow:` opens it; `uow.commit()` commits and wakes the relay; leaving the block
-    without commit rolls back. Not reentrant; make one per message.
+    `with uow:` opens it; `uow.commit()` commits and wakes the relay and the job workers;
+    leaving the block without commit rolls back. Not reentrant; make one per message.
     """
 
     def __init__(self, engine: Engine, on_commit: Callable[[], None] | None = None) -> None:
@@ -106,7 +117,7 @@ class UnitOfWork:
     def commit(self) -> None:
         self._transaction.commit()
         self.committed = True
-        if self._on_commit is not None and self.outbox.added:
+        if self._on_commit is not None:
             self._on_commit()
 
     def __exit__(
@@ -120,3 +131,22 @@ class UnitOfWork:
                 self._transaction.rollback()
         finally:
             self.connection.close()
+
+
+class Units:
+    """Makes units of work on one service's database; after each commit it wakes whatever
+    subscribed (the runtime subscribes the service's relay and job workers)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._subscribers: list[Callable[[], None]] = []
+
+    def __call__(self) -> UnitOfWork:
+        return UnitOfWork(self.engine, on_commit=self.wake)
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        self._subscribers.append(wake)
+
+    def wake(self) -> None:
+        for wake in list(self._subscribers):
+            wake()

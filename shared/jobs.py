@@ -13,8 +13,10 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -38,7 +40,9 @@ from sqlalchemy import (
     update,
 )
 
-from shared.errors import LeaseLostError, PermanentError
+from shared.errors import LeaseLostError, PermanentError, ServiceStoppingError
+from shared.inbox_outbox import UnitOfWork, Units
+from shared.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +138,16 @@ class Leases:
         self.update(connection, job_id, owner, state=state, lease_owner=None,
                     lease_expires_at=None, **values)
 
-    def retry_later(self, job_id: str, owner: str, delay: float, error: str) -> None:
-        """Give the job back to be claimed again after `delay` seconds."""
-        with self.engine.begin() as connection:
-            self.update(connection, job_id, owner, state=PENDING, lease_owner=None,
-                        lease_expires_at=None, next_run_at=time.time() + delay,
-                        error=error[-4000:])
-
 
 class Lease:
-    """What a job function gets: its job row, and a heartbeat that may raise LeaseLostError."""
+    """What a job function gets: its job row, a heartbeat that may raise LeaseLostError, and
+    units of work on the service's database (for what a job records while it runs)."""
 
-    def __init__(self, leases: Leases, job: Row[Any], owner: str) -> None:
+    def __init__(self, leases: Leases, job: Row[Any], owner: str, units: Units) -> None:
         self.leases = leases
         self.job = job
         self.owner = owner
+        self.units = units
         self.lost = threading.Event()
         self._progress: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -161,6 +160,11 @@ class Lease:
         """Record progress columns; the heartbeat thread writes them with the next beat."""
         with self._lock:
             self._progress.update(values)
+
+    def update(self, connection: Connection, **values: Any) -> None:
+        """Write the job's own columns in the caller's transaction, guarded by this lease.
+        Raises LeaseLostError."""
+        self.leases.update(connection, self.job_id, self.owner, **values)
 
     def beat(self) -> None:
         with self._lock:
@@ -177,31 +181,84 @@ class Lease:
             raise LeaseLostError(f"job {self.job_id}: lease lost by {self.owner}")
 
 
-JobFunction = Callable[[Lease], None]
+# -- outcomes: what one attempt at a job says happened; the worker applies them -------------
+
+Record = Callable[[UnitOfWork], None]
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job is finished: the worker writes `state`, `result` and `values` to its row, runs
+    `record` (the events and rows that go with it) and commits, all in one transaction."""
+
+    result: Any = None
+    state: str = DONE
+    values: Mapping[str, Any] = field(default_factory=dict)
+    record: Record | None = None
+
+
+@dataclass(frozen=True)
+class RetryIn:
+    """Give the job back, to be claimed again in `seconds` (None: the policy's backoff).
+
+    `counts_as_attempt=False` for waits that are no failed try (a full host, a restart);
+    `restart=True` starts its count of attempts afresh (new input arrived). An attempt that
+    counts and was the last one fails the job instead, `record` still runs."""
+
+    seconds: float | None
+    reason: str
+    counts_as_attempt: bool = True
+    restart: bool = False
+    values: Mapping[str, Any] = field(default_factory=dict)
+    record: Record | None = None
+    error: BaseException | None = None  # what was raised: the job fails with it if last
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed for good: the worker calls the service's failure hook, writes state
+    `failed`, the error and `values`, runs `record`, and commits."""
+
+    error: BaseException | str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    record: Record | None = None
+
+
+Outcome = Done | RetryIn | Failed
+JobFunction = Callable[[Lease], Outcome]
+# Called in the failing transaction; may add events and return a Failed carrying more
+# columns, or a RetryIn when the failure turns out to be worth another run after all.
+FailureHook = Callable[[Lease, BaseException, UnitOfWork], "Failed | RetryIn | None"]
+
+
+def outcome_of(error: BaseException) -> Outcome:
+    """What a raised error means for a job: the one mapping of errors to outcomes."""
+    if isinstance(error, ServiceStoppingError):
+        return RetryIn(0.0, str(error), counts_as_attempt=False)
+    if isinstance(error, PermanentError):
+        return Failed(error)
+    return RetryIn(None, "".join(traceback.format_exception_only(error)).strip(), error=error)
 
 
 class JobWorker:
-    """`concurrency` threads that claim jobs from one table and run `work` on them.
+    """`concurrency` threads that claim jobs from one table, run `work` on each and apply
+    the outcome it returns (or the error it raises) under the one retry policy."""
 
-    `work` finishes the job itself (in the transaction that also adds its outbox events).
-    TransientError and unexpected errors give the job back with a growing delay; after
-    `max_attempts`, or on PermanentError, `fail` is called to record the failure.
-    """
-
-    def __init__(self, leases: Leases, work: JobFunction, *,
-                 fail: Callable[[Lease, BaseException], None],
-                 name: str, concurrency: int = 1, poll_seconds: float = 1.0,
-                 max_attempts: int = 5, retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0),
-                 where: Callable[[], ColumnElement[bool] | None] | None = None) -> None:
+    def __init__(self, leases: Leases, work: JobFunction, *, units: Units,
+                 policy: RetryPolicy, name: str, fail: FailureHook | None = None,
+                 concurrency: int = 1, poll_seconds: float = 1.0,
+                 where: Callable[[], ColumnElement[bool] | None] | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         self.leases = leases
         self.work = work
+        self.units = units
+        self.policy = policy
         self.fail = fail
         self.name = name
         self.concurrency = concurrency
         self.poll_seconds = poll_seconds
-        self.max_attempts = max_attempts
-        self.retry_delays = retry_delays
         self.where = where
+        self.on_stop = on_stop
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -214,7 +271,7 @@ class JobWorker:
         job = self.leases.claim(owner, self.where() if self.where else None)
         if job is None:
             return False
-        lease = Lease(self.leases, job, owner)
+        lease = Lease(self.leases, job, owner, self.units)
         beating = threading.Event()
         beat_every = max(0.2, self.leases.lease_seconds / 3)
 
@@ -230,33 +287,80 @@ class JobWorker:
         beater = threading.Thread(target=heartbeat, name=f"{self.name}-beat", daemon=True)
         beater.start()
         try:
-            self.work(lease)
-        except LeaseLostError as error:
-            log.warning("%s: %s", self.name, error)
-        except PermanentError as error:
-            self._fail(lease, error)
-        except Exception as error:  # noqa: BLE001 - transient or a bug: try again later
-            if job.attempts >= self.max_attempts:
-                self._fail(lease, error)
-            else:
-                delay = self.retry_delays[min(job.attempts - 1, len(self.retry_delays) - 1)]
-                log.warning("%s: job %s attempt %d failed, again in %.1fs: %s", self.name,
-                            job.id, job.attempts, delay, error)
-                try:
-                    self.leases.retry_later(lease.job_id, owner, delay, str(error))
-                except LeaseLostError:
-                    pass
+            try:
+                outcome = self.work(lease)
+            except LeaseLostError as error:
+                log.warning("%s: %s", self.name, error)
+                return True
+            except Exception as error:  # noqa: BLE001 - the outcome decides what it means
+                outcome = outcome_of(error)
+            self.settle(lease, outcome)
         finally:
             beating.set()
             beater.join(timeout=5)
         return True
 
-    def _fail(self, lease: Lease, error: BaseException) -> None:
-        log.error("%s: job %s failed: %s", self.name, lease.job_id, error)
+    def settle(self, lease: Lease, outcome: Outcome) -> None:
+        """Apply an outcome to the leased job in one transaction. A lease lost meanwhile
+        writes nothing (the job's new owner decides)."""
+        attempts = int(lease.job.attempts)
+        if (isinstance(outcome, RetryIn) and outcome.counts_as_attempt
+                and not outcome.restart and self.policy.exhausted(attempts)):
+            log.warning("%s: job %s: gave up after %d attempts", self.name, lease.job_id,
+                        attempts)
+            outcome = Failed(outcome.error or PermanentError(
+                f"gave up after {attempts} attempts; the last: {outcome.reason}"),
+                record=outcome.record)
         try:
-            self.fail(lease, error)
-        except LeaseLostError:
-            pass
+            with self.units() as uow:
+                self._apply(lease, outcome, uow)
+                uow.commit()
+        except LeaseLostError as error:
+            log.warning("%s: %s", self.name, error)
+
+    def _apply(self, lease: Lease, outcome: Outcome, uow: UnitOfWork) -> None:
+        connection = uow.connection
+        if isinstance(outcome, Failed):
+            error = outcome.error if isinstance(outcome.error, BaseException) else (
+                PermanentError(outcome.error))
+            log.error("%s: job %s failed: %s", self.name, lease.job_id, error)
+            turned = self.fail(lease, error, uow) if self.fail is not None else None
+            if isinstance(turned, RetryIn):
+                self._give_back(lease, turned, uow)
+                return
+            values = {**outcome.values, **(turned.values if turned is not None else {})}
+            self.leases.finish(connection, lease.job_id, lease.owner, state=FAILED,
+                               error=str(error)[-4000:], **values)
+            for record in (outcome.record, turned.record if turned is not None else None):
+                if record is not None:
+                    record(uow)
+            return
+        if isinstance(outcome, RetryIn):
+            self._give_back(lease, outcome, uow)
+            return
+        values = dict(outcome.values)
+        if outcome.result is not None:
+            values["result"] = outcome.result
+        self.leases.finish(connection, lease.job_id, lease.owner, state=outcome.state, **values)
+        if outcome.record is not None:
+            outcome.record(uow)
+
+    def _give_back(self, lease: Lease, retry: RetryIn, uow: UnitOfWork) -> None:
+        attempts = int(lease.job.attempts)
+        if retry.restart:
+            attempts = 0
+        elif not retry.counts_as_attempt:
+            attempts -= 1  # this claim counted one: it was no try
+        delay = self.policy.delay(attempts) if retry.seconds is None else retry.seconds
+        if retry.counts_as_attempt and not retry.restart:
+            log.warning("%s: job %s attempt %d failed, again in %.1fs: %s", self.name,
+                        lease.job_id, attempts, delay, retry.reason)
+        self.leases.update(uow.connection, lease.job_id, lease.owner, state=PENDING,
+                           lease_owner=None, lease_expires_at=None,
+                           next_run_at=time.time() + delay, error=retry.reason[-4000:],
+                           attempts=attempts, **retry.values)
+        if retry.record is not None:
+            retry.record(uow)
 
     def _loop(self) -> None:
         owner = worker_id()
@@ -278,8 +382,19 @@ class JobWorker:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self.on_stop is not None:
+            self.on_stop()  # say "stopping" to running work, so it gives its job back
         for thread in self._threads:
             thread.join(timeout=10)
+
+
+def rearm_values(**values: Any) -> dict[str, Any]:
+    """Column values that make a finished or failed job run again, its attempts counted
+    afresh (new input arrived: a new request, a new snapshot, an operator's retry). For a
+    handler's or command's own UPDATE of a job that no worker holds."""
+    now = time.time()
+    return {"state": PENDING, "attempts": 0, "next_run_at": now, "lease_owner": None,
+            "lease_expires_at": None, "updated_at": now, **values}
 
 
 def new_job_values(job_id: str, migration_id: str, kind: str, payload: Mapping[str, Any],

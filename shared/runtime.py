@@ -1,7 +1,15 @@
-"""A running service: its consumer, its outbox relay and its job workers, as threads.
+"""A running service, and the lifecycle it owns: of every message and of every job.
 
-Each service's bootstrap builds a `Service`; `ferry run NAME` starts one, `ferry run all`
-starts all five in one process (the embedded default).
+A handler is a plain function `(event, ctx) -> None` holding only its decision. The runtime
+skips a message its inbox has seen, opens the unit of work, claims the inbox under the
+handler's qualified name, calls the handler, commits on return (rolls back on raise), and
+after the commit wakes the service's relay and job workers. A failure hook
+`(event, ctx, error) -> None` is delivered the same way when the bus gives up on a message.
+Jobs are run by `shared.jobs.JobWorker`, which applies what a job returns under the one
+retry policy (`shared.retry`).
+
+Each service's `bootstrap(settings) -> Service` builds one; `ferry run NAME` starts it,
+`ferry run all` starts all of them in one process (the embedded default).
 """
 
 from __future__ import annotations
@@ -10,22 +18,87 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
-from shared.bus import FailureHook, Handler, ServiceConsumer, declare_topology
-from shared.contracts import EVENTS
-from shared.inbox_outbox import UnitOfWork
+from shared.bus import ServiceConsumer, declare_topology
+from shared.contracts import EVENTS, Event
+from shared.db import Schema, make_engine, upgrade
+from shared.envelope import Envelope
+from shared.inbox_outbox import Inbox, Outbox, UnitOfWork, Units
 from shared.jobs import JobWorker
+from shared.periodic import Periodic
 from shared.relay import OutboxRelay
+from shared.retry import RetryPolicy
 from shared.settings import Settings
 from shared.topology import QueueSpec
 
 log = logging.getLogger(__name__)
 
-# A service's handler: a plain function that gets a fresh unit of work per message.
-ServiceHandler = Callable[..., None]
+DepsT = TypeVar("DepsT")
+
+
+@dataclass(frozen=True)
+class Context(Generic[DepsT]):
+    """What a handler gets besides its event: the message, the open unit of work and the
+    service's own dependencies."""
+
+    envelope: Envelope
+    uow: UnitOfWork
+    deps: DepsT
+
+    @property
+    def connection(self) -> Connection:
+        return self.uow.connection
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.uow.outbox
+
+    @property
+    def migration_id(self) -> str:
+        return self.envelope.migration_id
+
+    def emit(self, event: Event, *, migration_id: str | None = None) -> Envelope:
+        """Add `event` to the outbox, caused by this message (of its migration by default)."""
+        return self.uow.outbox.add(event, migration_id=migration_id or self.migration_id,
+                                   cause=self.envelope)
+
+
+Handler = Callable[[Any, Context[Any]], None]
+FailureHandler = Callable[[Any, Context[Any], BaseException], None]
+
+
+def handler_name(function: Callable[..., Any]) -> str:
+    """The name a handler's inbox claims are recorded under: module and qualified name."""
+    return f"{function.__module__}.{function.__qualname__}"
+
+
+def deliver(handler: Handler, event: Any, envelope: Envelope, units: Units,
+            deps: Any = None) -> bool:
+    """Run `handler` on one message with exactly-once effect; False for a duplicate.
+
+    Raises whatever the handler raises (its transaction rolled back)."""
+    return _once(handler_name(handler), lambda ctx: handler(event, ctx), envelope, units, deps)
+
+
+def deliver_failure(hook: FailureHandler, event: Any, envelope: Envelope,
+                    error: BaseException, units: Units, deps: Any = None) -> bool:
+    """Run a failure hook on a message the bus gave up on, once; False for a duplicate."""
+    return _once(handler_name(hook), lambda ctx: hook(event, ctx, error), envelope, units, deps)
+
+
+def _once(name: str, call: Callable[[Context[Any]], None], envelope: Envelope, units: Units,
+          deps: Any) -> bool:
+    if Inbox.seen(units.engine, envelope.id, name):
+        return False  # handled before: not even a look at the world outside the database
+    with units() as uow:
+        if not uow.inbox.claim(envelope.id, name):
+            return False  # a concurrent delivery was first
+        call(Context(envelope, uow, deps))
+        uow.commit()
+    return True
 
 
 def routing_keys(handlers: Mapping[str, Any], datacenter: str | None = None) -> tuple[str, ...]:
@@ -42,64 +115,90 @@ def routing_keys(handlers: Mapping[str, Any], datacenter: str | None = None) -> 
 
 @dataclass
 class Service:
+    """One service: its consumer, outbox relay, job workers and periodic loops, as threads.
+
+    Extra parts with their own lifecycle (intake's HTTP server) hook in: each on_start runs
+    after the consumer started (raising fails start()), each on_stop runs first on stop, so
+    nothing new comes in while the rest winds down; each on_closed runs last, once no
+    thread of the service runs any more (closing the connections they used)."""
+
     name: str
     settings: Settings
-    engine: Engine
+    units: Units
     queue: QueueSpec
-    handlers: Mapping[str, ServiceHandler]
-    on_failure: FailureHook | None = None
+    handlers: Mapping[str, Handler]
+    deps: Any = None
+    on_failure: FailureHandler | None = None
     workers: list[JobWorker] = field(default_factory=list)
-    relay: OutboxRelay | None = None
-    consumer: ServiceConsumer | None = None
-    _threads: list[threading.Thread] = field(default_factory=list)
-    # Extra parts of a service with their own lifecycle (intake's HTTP server): each
-    # on_start runs after the consumer started (raising fails start()), each on_stop runs
-    # first on stop, so nothing new comes in while the rest winds down.
+    loops: list[Periodic] = field(default_factory=list)
     on_start: list[Callable[[], None]] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    on_closed: list[Callable[[], None]] = field(default_factory=list)
+    relay: OutboxRelay = field(init=False)
+    consumer: ServiceConsumer | None = field(init=False, default=None)
+    _threads: list[threading.Thread] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.relay = OutboxRelay(self.engine, self.settings.broker_url,
                                  poll_seconds=self.settings.outbox_poll_seconds, name=self.name,
                                  delivery_limit=self.settings.delivery_limit)
+        self.units.subscribe(self.relay.wake)
+        for worker in self.workers:
+            self.units.subscribe(worker.wake)
+
+    @property
+    def engine(self) -> Engine:
+        return self.units.engine
 
     def uow(self) -> UnitOfWork:
         """A unit of work that wakes this service's relay and workers when it commits."""
-        return UnitOfWork(self.engine, on_commit=self.wake)
+        return self.units()
 
     def wake(self) -> None:
-        if self.relay is not None:
-            self.relay.wake()
-        for worker in self.workers:
-            worker.wake()
+        self.units.wake()
 
-    def _bind(self, handler: ServiceHandler) -> Handler:
-        def handle(event: Any, envelope: Any) -> None:
-            handler(event, envelope, uow=self.uow())
+    def deliver(self, event: Any, envelope: Envelope) -> bool:
+        """Handle one message as the consumer would; False for a duplicate. Raises
+        KeyError for a type this service does not handle, and what the handler raises."""
+        return deliver(self.handlers[envelope.type], event, envelope, self.units, self.deps)
 
-        return handle
+    def _fail(self, event: Any, envelope: Envelope, error: BaseException) -> None:
+        assert self.on_failure is not None  # noqa: S101 - bound only when set
+        deliver_failure(self.on_failure, event, envelope, error, self.units, self.deps)
 
     def start(self) -> None:
         declare_topology(self.settings.broker_url, self.queue, self.settings)
-        if self.settings.outbox_relay and self.relay is not None:
+        if self.settings.outbox_relay:
             self.relay.start()
         for worker in self.workers:
             worker.start()
         if self.handlers:
             bound = {t: self._bind(h) for t, h in self.handlers.items()}
-            self.consumer = ServiceConsumer(self.settings, self.queue, bound, self.on_failure)
+            self.consumer = ServiceConsumer(
+                self.settings, self.queue, bound, RetryPolicy.from_settings(self.settings),
+                self._fail if self.on_failure is not None else None)
             thread = threading.Thread(target=self.consumer.run, name=f"{self.name}-consumer",
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
         for hook in self.on_start:
             hook()
+        for loop in self.loops:
+            loop.start()
         log.info("%s: started (queue %s, %d job workers)", self.name, self.queue.name,
                  sum(w.concurrency for w in self.workers))
+
+    def _bind(self, handler: Handler) -> Callable[[Any, Envelope], None]:
+        def handle(event: Any, envelope: Envelope) -> None:
+            deliver(handler, event, envelope, self.units, self.deps)
+
+        return handle
 
     def stop(self) -> None:
         for hook in self.on_stop:
             hook()
+        for loop in self.loops:
+            loop.stop()
         if self.consumer is not None:
             self.consumer.should_stop = True
         for thread in self._threads:
@@ -108,15 +207,14 @@ class Service:
             self.consumer.close()
         for worker in self.workers:
             worker.stop()
-        if self.relay is not None:
-            self.relay.stop()
+        self.relay.stop()
+        for hook in self.on_closed:
+            hook()
 
 
-def open_database(settings: Settings, service: str) -> Engine:
-    """The service's engine, its schema upgraded to the newest revision (services upgrade on
-    start)."""
-    from shared.db import make_engine, upgrade
-
-    engine = make_engine(settings.database_url(service))
-    upgrade(engine, service)
-    return engine
+def open_database(settings: Settings, schema: Schema) -> Units:
+    """Units of work on the service's database, its schema upgraded to the newest revision
+    (services upgrade on start)."""
+    engine = make_engine(settings.database_url(schema.name))
+    upgrade(engine, schema)
+    return Units(engine)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.support.processes import ChildProcess, children
+
 RABBIT_HOST = os.environ.get("FERRY_TEST_RABBIT", "guest:guest@127.0.0.1:5672")
 PG_ADMIN_URL = os.environ.get("FERRY_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 
@@ -81,3 +83,11 @@ def backbone(request: pytest.FixtureRequest, tmp_path: object) -> Backbone:
     broker = request.getfixturevalue("rabbit_url")
     database = request.getfixturevalue("pg_url")
     return Backbone(request.param, broker, database)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ChildProcess]]:
+    """Child processes the test starts (append them); those still running are stopped and
+    every one is reaped when the test ends, however it ends."""
+    with children() as started:
+        yield started

@@ -4,16 +4,17 @@ job worker threads that make that datacenter's archives (and only that datacente
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from services.archiver.handlers import HANDLERS, fail_request
+from services.archiver import SCHEMA
+from services.archiver.handlers import HANDLERS, ON_FAILURE
 from services.archiver.jobs import Archiver
 from services.archiver.snapshots import reconcile_mounts, run_dir
 from services.archiver.tables import archive_jobs
 from shared.addresses import host_pool
-from shared.envelope import Envelope
+from shared.hosts import HostPool
 from shared.jobs import JobWorker, Leases
 from shared.periodic import Periodic
+from shared.retry import RetryPolicy
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name
@@ -23,27 +24,19 @@ NAME = "archiver"
 
 
 def bootstrap(settings: Settings, *, datacenter: str | None = None,
-              concurrency: int | None = None) -> Service:
-    """Raises ValueError when no datacenter is given (here or as FERRY_DATACENTER)."""
+              concurrency: int | None = None, hosts: HostPool | None = None) -> Service:
+    """Raises ValueError when no datacenter is given (here or as FERRY_DATACENTER).
+    `hosts`: where sources are read (default: `local` here, anything else over SSH)."""
     dc = datacenter or settings.datacenter
     name = queue_name(NAME, dc)  # raises without a datacenter
     assert dc is not None  # noqa: S101 (queue_name checked it)
-    engine = open_database(settings, NAME)
-    archiver = Archiver(settings, engine, dc, host_pool(settings))
+    units = open_database(settings, SCHEMA)
+    archiver = Archiver(settings, units.engine, dc, hosts or host_pool(settings))
     worker = JobWorker(
-        Leases(engine, archive_jobs, settings.lease_seconds), archiver.run, fail=archiver.fail,
-        name=f"archiver-{dc}", concurrency=concurrency or settings.concurrency,
-        poll_seconds=settings.job_poll_seconds, max_attempts=settings.max_attempts,
-        retry_delays=settings.retry_delays,
+        Leases(units.engine, archive_jobs, settings.lease_seconds), archiver.run, units=units,
+        policy=RetryPolicy.from_settings(settings), name=f"archiver-{dc}", fail=archiver.fail,
+        concurrency=concurrency or settings.concurrency, poll_seconds=settings.job_poll_seconds,
         where=lambda: archive_jobs.c.datacenter == dc)
-    service: Service
-
-    def on_failure(event: Any, envelope: Envelope, error: BaseException) -> None:
-        fail_request(event, envelope, error, uow=service.uow())
-
-    service = Service(NAME, settings, engine, QueueSpec(name, routing_keys(HANDLERS, dc)),
-                      HANDLERS, on_failure=on_failure, workers=[worker])
-    archiver.on_commit = service.wake
 
     def sweep() -> None:
         archiver.sweep_partials()  # what a worker killed here left, its job since finished
@@ -52,10 +45,7 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
         except Exception as error:  # noqa: BLE001 - the periodic pass tries again
             log.warning("archiver: undoing dead workers' mounts failed: %s", error)
 
-    service.on_start.append(sweep)
-    # then every reconcile_seconds
-    mounts = Periodic("archiver-nbd-reconcile", settings.reconcile_seconds,
+    mounts = Periodic("archiver-nbd-reconcile", settings.reconcile_seconds,  # then every so often
                       lambda: reconcile_mounts(run_dir(settings)))
-    service.on_start.append(mounts.start)
-    service.on_stop.append(mounts.stop)
-    return service
+    return Service(NAME, settings, units, QueueSpec(name, routing_keys(HANDLERS, dc)), HANDLERS,
+                   on_failure=ON_FAILURE, workers=[worker], loops=[mounts], on_start=[sweep])

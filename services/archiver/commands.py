@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
+from services.archiver import SCHEMA
 from services.archiver.tables import archive_jobs, archive_requests
 from shared.runtime import open_database
 from shared.settings import Settings
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         = None,
     ) -> None:
         """Show archives: source, state, raw and compressed size, requests, warnings/errors."""
-        engine = open_database(Settings(), "archiver")
+        engine = open_database(Settings(), SCHEMA).engine
         counts = (select(archive_requests.c.archive_id, func.count().label("n"))
                   .group_by(archive_requests.c.archive_id).subquery())
         query = (select(archive_jobs, func.coalesce(counts.c.n, 0).label("requests"))
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
     @archives_app.command("show")
     def show_archive(archive_id: Annotated[str, typer.Argument(help="an archive id")]) -> None:
         """Everything recorded about one archive, and the requests it answered."""
-        engine = open_database(Settings(), "archiver")
+        engine = open_database(Settings(), SCHEMA).engine
         with engine.connect() as connection:
             job = connection.execute(
                 select(archive_jobs).where(archive_jobs.c.id == archive_id)).first()

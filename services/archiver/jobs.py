@@ -1,8 +1,10 @@
 """The archive job: stream a source from its host, compress it here, seal it, answer requests.
 
-Run by a `shared.jobs.JobWorker` under a lease. Every write to the job row is guarded by the
-lease; the rename to the final name happens inside the transaction that marks the job done,
-while that transaction holds the row, so a worker that lost its lease never seals a file.
+Run by a `shared.jobs.JobWorker` under a lease: `Archiver.run` returns what the attempt made
+(`Done`) or raises, the worker applies it. Every write to the job row is guarded by the lease;
+the rename to the final name happens inside the transaction that marks the job done (its
+`record`), after that transaction took the row, so a worker that lost its lease never seals
+a file.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from shared.contracts import ArchiveProgress
 from shared.errors import UnexpectedExit
 from shared.hosts import Host, HostPool, LocalExecutor
 from shared.inbox_outbox import UnitOfWork
-from shared.jobs import FAILED, PENDING, RUNNING, Lease
+from shared.jobs import RUNNING, Done, Failed, Lease, Outcome, RetryIn
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,14 @@ WARNING_LINES = 20  # of tar's stderr kept as warnings
 class Archiver:
     """Makes archives for one datacenter: `run` is the JobWorker's work, `fail` its failure."""
 
-    def __init__(self, settings: Settings, engine: Engine, datacenter: str, hosts: HostPool,
-                 on_commit: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, datacenter: str,
+                 hosts: HostPool) -> None:
         self.settings = settings
-        self.engine = engine
+        self.engine = engine  # read by sweep_partials; jobs write through their lease
         self.datacenter = datacenter
         self.hosts = hosts
-        self.on_commit = on_commit
         # absolute: archive.completed's path is read by other processes on this host
         self.staging = (settings.staging_dir / datacenter).absolute()
-
-    def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.engine, on_commit=self.on_commit)
 
     def sweep_partials(self) -> list[Path]:
         """At start: delete this host's partial files of archives no one is making any more
@@ -88,18 +85,18 @@ class Archiver:
             log.info("removed %s: no attempt is writing it", path)
         return swept
 
-    def run(self, lease: Lease) -> None:
-        """Archive the leased job's source. Raises what the host, the source or the lease
-        raise: TransientError is retried by the worker, PermanentError fails the job."""
+    def run(self, lease: Lease) -> Outcome:
+        """Archive the leased job's source into a partial file; Done seals it and answers
+        the waiting requests. Raises what the host, the source or the lease raise:
+        TransientError is retried by the worker, PermanentError fails the job."""
         order = ArchiveOrder.model_validate(lease.job.payload)
         validate_order(order)
         self.staging.mkdir(parents=True, exist_ok=True)
         for leftover in remove_partials(self.staging, lease.job_id):
             log.info("%s: removed %s left by an earlier attempt", lease.job_id, leftover.name)
         started = time.time()
-        with self.engine.begin() as connection:
-            lease.leases.update(connection, lease.job_id, lease.owner, started_at=started,
-                                bytes_done=0)
+        with lease.units.engine.begin() as connection:
+            lease.update(connection, started_at=started, bytes_done=0)
         warnings: list[str] = []
         position: dict[str, Any] | None = None
         archive: ArchiveFile | None = None
@@ -110,24 +107,24 @@ class Archiver:
                                       run_dir(self.settings)) as mounted:
                     command = snapshot_command(order, str(mounted), self.settings)
                     archive = self._stream(lease, LocalExecutor(), command, warnings)
-                self._complete(lease, archive, started, warnings, position)
-                return
-            host = self.hosts.get(order.source.host)
-            if order.kind == "database":
-                replica = Replica(host, order.source, self.settings)
-                with replica.held(order.source.pause_replication, warnings) as position:
-                    archive = self._stream(lease, host,
-                                           dump_command(order.source, self.settings), warnings)
             else:
-                data_dir = self._data_dir(host, order, warnings)
-                command = filesystem_command(order, self.settings, data_dir)
-                archive = self._stream(lease, host, command, warnings)
-            self._complete(lease, archive, started, warnings, position)
+                host = self.hosts.get(order.source.host)
+                if order.kind == "database":
+                    replica = Replica(host, order.source, self.settings)
+                    with replica.held(order.source.pause_replication, warnings) as position:
+                        archive = self._stream(lease, host,
+                                               dump_command(order.source, self.settings),
+                                               warnings)
+                else:
+                    data_dir = self._data_dir(host, order, warnings)
+                    command = filesystem_command(order, self.settings, data_dir)
+                    archive = self._stream(lease, host, command, warnings)
+            lease.check()  # taken over meanwhile: the partial goes (below), nothing is sealed
         except BaseException:
-            if archive is not None:  # not sealed: remove it (a sealed one whose commit
-                # failed stays, and the next attempt replaces it)
+            if archive is not None:  # not sealed: remove it
                 archive.path.unlink(missing_ok=True)
             raise
+        return self._done(lease, archive, started, warnings, position)
 
     def _data_dir(self, host: Host, order: ArchiveOrder, warnings: list[str]) -> str | None:
         """A server root's database directory, asked of the server itself: never archived.
@@ -152,7 +149,8 @@ class Archiver:
         writer = ArchiveWriter(partial, compression, zstd_level=self.settings.zstd_level,
                                gzip_level=self.settings.gzip_level,
                                threads=self.settings.compression_threads)
-        progress = _ProgressReporter(self, lease)
+        progress = _ProgressReporter(lease, self.datacenter,
+                                     self.settings.archive_progress_seconds)
 
         def sink(chunk: bytes) -> None:
             writer.write(chunk)
@@ -173,58 +171,54 @@ class Archiver:
                             f"{'; '.join(lines[-WARNING_LINES:]) or 'no message'}")
         return ArchiveFile(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256)
 
-    def _complete(self, lease: Lease, archive: ArchiveFile, started: float,
-                  warnings: list[str], position: dict[str, Any] | None) -> None:
+    def _done(self, lease: Lease, archive: ArchiveFile, started: float, warnings: list[str],
+              position: dict[str, Any] | None) -> Done:
+        """The finished archive's row, and its record: seal the file, answer the requests."""
         final = self.staging / archive.path.name.rsplit(".", 2)[0]
-        with self.uow() as uow:
-            lease.leases.finish(
-                uow.connection, lease.job_id, lease.owner, file_path=str(final),
-                raw_bytes=archive.raw_bytes, compressed_bytes=archive.compressed_bytes,
-                sha256=archive.sha256, started_at=started, finished_at=time.time(),
-                warnings=warnings, replication_position=position, bytes_done=archive.raw_bytes,
-                error=None, result={"worker": lease.owner, "datacenter": self.datacenter})
-            seal(archive.path, final)  # the row is ours until commit: no one else seals it
+
+        def record(uow: UnitOfWork) -> None:  # after the worker wrote the row, before commit
+            # the row is ours until commit: no one else seals it (a file sealed by a commit
+            # that then failed stays, and the next attempt replaces it)
+            seal(archive.path, final)
             job = uow.connection.execute(
                 select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
             answered = complete_waiting(uow, job)
-            uow.commit()
-        log.info("archive %s done: %s, %d raw bytes -> %d, %d request(s) answered",
-                 lease.job_id, final, archive.raw_bytes, archive.compressed_bytes, answered)
+            log.info("archive %s sealed: %s, %d raw bytes -> %d, %d request(s) answered",
+                     lease.job_id, final, archive.raw_bytes, archive.compressed_bytes, answered)
 
-    def fail(self, lease: Lease, error: BaseException) -> None:
-        """Mark the job failed and send archive.failed to every waiting request.
-        Raises LeaseLostError when the job is no longer ours."""
+        return Done(result={"worker": lease.owner, "datacenter": self.datacenter}, values={
+            "file_path": str(final), "raw_bytes": archive.raw_bytes,
+            "compressed_bytes": archive.compressed_bytes, "sha256": archive.sha256,
+            "started_at": started, "finished_at": time.time(), "warnings": warnings,
+            "replication_position": position, "bytes_done": archive.raw_bytes, "error": None,
+        }, record=record)
+
+    def fail(self, lease: Lease, error: BaseException, uow: UnitOfWork) -> Failed | RetryIn:
+        """The job failed for good: archive.failed to every waiting request (in the failing
+        transaction). Unless a newer snapshot came while this attempt read the old one: then
+        it runs again, from the new one."""
+        job = uow.connection.execute(
+            select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
+        if snapshot_id(job) != snapshot_id(lease.job):
+            # no answer for the old snapshot (the snapshotter released it)
+            return RetryIn(0, str(error), restart=True)
         details = failure_details(error, lease.job.source_host)
-        with self.uow() as uow:
-            job = uow.connection.execute(
-                select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
-            if snapshot_id(job) != snapshot_id(lease.job):
-                # a newer snapshot.ready came while this attempt read the old snapshot: run
-                # again from the new one; no answer for the old (the snapshotter released it)
-                lease.leases.update(uow.connection, lease.job_id, lease.owner, state=PENDING,
-                                    lease_owner=None, lease_expires_at=None, attempts=0,
-                                    next_run_at=time.time(), error=str(error)[-4000:])
-                uow.commit()
-                return
-            invalidated = str(payload_snapshot(job.payload).get("invalidated") or "")
-            reason = f"{type(error).__name__}: {error}"
-            if invalidated and not isinstance(error, SnapshotInvalidatedError):
-                reason = f"snapshot invalidated ({invalidated}); reading it failed: {reason}"
-            lease.leases.finish(uow.connection, lease.job_id, lease.owner, state=FAILED,
-                                error=str(error)[-4000:], result=details,
-                                finished_at=time.time())
-            fail_waiting(uow, job, reason, details, will_retry=bool(invalidated))
-            uow.commit()
+        invalidated = str(payload_snapshot(job.payload).get("invalidated") or "")
+        reason = f"{type(error).__name__}: {error}"
+        if invalidated and not isinstance(error, SnapshotInvalidatedError):
+            reason = f"snapshot invalidated ({invalidated}); reading it failed: {reason}"
+        fail_waiting(uow, job, reason, details, will_retry=bool(invalidated))
+        return Failed(error, values={"result": details, "finished_at": time.time()})
 
 
 class _ProgressReporter:
     """archive.progress to every waiting request, at most every archive_progress_seconds."""
 
-    def __init__(self, archiver: Archiver, lease: Lease) -> None:
-        self.archiver = archiver
+    def __init__(self, lease: Lease, datacenter: str, every: float) -> None:
         self.lease = lease
+        self.datacenter = datacenter
+        self.every = every
         self.started = self.last = time.monotonic()
-        self.every = archiver.settings.archive_progress_seconds
 
     def tick(self, bytes_done: int) -> None:
         now = time.monotonic()
@@ -238,11 +232,10 @@ class _ProgressReporter:
             log.warning("archive %s: progress not recorded: %s", self.lease.job_id, error)
 
     def _emit(self, bytes_done: int, rate: float) -> None:
-        with self.archiver.uow() as uow:
+        with self.lease.units() as uow:
             for request in waiting_requests(uow.connection, self.lease.job_id):
                 uow.outbox.add(ArchiveProgress(
-                    datacenter=self.archiver.datacenter, request_id=request.request_id,
+                    datacenter=self.datacenter, request_id=request.request_id,
                     stage="archive", bytes_done=bytes_done, mb_per_s=round(rate, 1)),
                     migration_id=request.migration_id)
             uow.commit()
-

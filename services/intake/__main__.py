@@ -1,7 +1,11 @@
-"""python -m services.intake: run the intake service (same as `ferry run intake`)."""
+"""python -m services.intake: run the intake service (what `ferry run intake` runs)."""
 
 import sys
 
-from shared.cli import main
+from services.intake.bootstrap import bootstrap
+from shared.runner import run_until_stopped, service_arguments
+from shared.settings import Settings
 
-sys.exit(main(["run", "intake", *sys.argv[1:]]))
+options = service_arguments("Run Ferry's intake service until SIGTERM.", concurrency=False)
+settings = Settings()
+sys.exit(run_until_stopped([bootstrap(settings)], settings))

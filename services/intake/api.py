@@ -17,10 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from services.intake import SCHEMA
 from services.intake.stats import migration_stats
 from services.intake.submissions import IdempotencyConflictError, accept_document
 from services.intake.uploads import MAX_BODY_BYTES, BodyRejectedError, read_document
@@ -44,7 +45,7 @@ from shared.document import (
     json_pointer,
     validate_document,
 )
-from shared.inbox_outbox import UnitOfWork
+from shared.inbox_outbox import Units
 from shared.runtime import open_database
 from shared.settings import Settings
 
@@ -69,13 +70,13 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: described[code] for code in codes}
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None,
-               on_commit: Callable[[], None] | None = None) -> FastAPI:
-    """The API on intake's database (`engine`, else opened and upgraded from `settings`).
+def create_app(settings: Settings, *, units: Units | None = None) -> FastAPI:
+    """The API on intake's database (`units`, else opened and upgraded from `settings`).
 
-    `on_commit` runs after a submission commits (the service wakes its outbox relay).
+    A submission commits through `units`, which wakes the service's outbox relay.
     """
-    engine = engine if engine is not None else open_database(settings, "intake")
+    units = units if units is not None else open_database(settings, SCHEMA)
+    engine = units.engine
     app = FastAPI(title="Ferry intake", version="1",
                   description="Submit migration documents; follow each migration's status.")
     app.state.engine = engine
@@ -102,7 +103,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
 
         def accept() -> str:
             document = validate_document(raw)
-            return accept_document(body, document, uow=UnitOfWork(engine, on_commit=on_commit),
+            return accept_document(body, document, uow=units(),
                                    idempotency_key=idempotency_key)
 
         try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import Callable
 
+from services.intake import SCHEMA
 from services.intake.api import create_app
 from services.intake.handlers import HANDLERS
 from services.intake.server import ApiServer
@@ -15,8 +16,8 @@ from shared.topology import QueueSpec, queue_name
 NAME = "intake"
 
 
-def bootstrap(settings: Settings, *, serve_api: bool = True, generate_token: bool = False,
-              **_: Any) -> Service:
+def bootstrap(settings: Settings, *, serve_api: bool = True,
+              generate_token: bool = False) -> Service:
     """The intake service: the status consumer, and (with `serve_api`) the API served on
     `settings.intake_bind` while the service runs.
 
@@ -27,15 +28,16 @@ def bootstrap(settings: Settings, *, serve_api: bool = True, generate_token: boo
     if generated:
         settings = settings.model_copy(update={"api_token": secrets.token_urlsafe(32)})
     # intake.status hears every event: "#" rather than one binding per type.
-    service = Service(NAME, settings, open_database(settings, NAME),
-                      QueueSpec(queue_name(NAME), ("#",)), HANDLERS)
+    units = open_database(settings, SCHEMA)
+    on_start: list[Callable[[], None]] = []
+    on_stop: list[Callable[[], None]] = []
     if serve_api:
-        app = create_app(settings, engine=service.engine, on_commit=service.wake)
-        server = ApiServer(app, settings.intake_bind)
-        service.on_start.append(server.start)
+        server = ApiServer(create_app(settings, units=units), settings.intake_bind)
+        on_start.append(server.start)
         if generated:
-            service.on_start.append(lambda: print(
+            on_start.append(lambda: print(
                 f"intake: API on {server.url} needs a token (FERRY_API_TOKEN was not set): "
                 f"export FERRY_API_TOKEN={settings.api_token}", flush=True))
-        service.on_stop.append(server.stop)
-    return service
+        on_stop.append(server.stop)
+    return Service(NAME, settings, units, QueueSpec(queue_name(NAME), ("#",)), HANDLERS,
+                   on_start=on_start, on_stop=on_stop)

@@ -31,7 +31,7 @@ from shared.contracts import (
     TransferFailed,
 )
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork
+from shared.runtime import Context, Handler
 
 # What an event says about the migration as a whole; other events leave the status alone.
 STATUS_AFTER = {
@@ -44,26 +44,22 @@ FINAL = {"failed", "completed"}
 MAX_JOB_ERRORS = 20  # a job retried for days keeps its newest errors, not an ever-growing list
 
 
-def record_event(event: Event, envelope: Envelope, *, uow: UnitOfWork) -> None:
+def record_event(event: Event, ctx: Context[None]) -> None:
     """Record the event in its migration's history, its status and its jobs."""
-    with uow:
-        if not uow.inbox.claim(envelope.id, "record_event"):
-            return  # seen before: already recorded
-        connection = uow.connection
-        if not isinstance(event, ArchiveProgress):
-            # Progress comes every few seconds for hours: it moves a job's bytes, and would
-            # drown the history.
-            connection.execute(insert(migration_events).values(
-                message_id=str(envelope.id), migration_id=envelope.migration_id,
-                type=envelope.type, payload=envelope.payload,
-                occurred_at=envelope.occurred_at.timestamp(),
-            ))
-        _move_migration(connection, event, envelope)
-        if isinstance(event, MigrationResolved):
-            _plan_jobs(connection, event, envelope)
-        elif getattr(event, "request_id", None):
-            _move_job(connection, event, envelope)
-        uow.commit()
+    connection, envelope = ctx.connection, ctx.envelope
+    if not isinstance(event, ArchiveProgress):
+        # Progress comes every few seconds for hours: it moves a job's bytes, and would
+        # drown the history.
+        connection.execute(insert(migration_events).values(
+            message_id=str(envelope.id), migration_id=envelope.migration_id,
+            type=envelope.type, payload=envelope.payload,
+            occurred_at=envelope.occurred_at.timestamp(),
+        ))
+    _move_migration(connection, event, envelope)
+    if isinstance(event, MigrationResolved):
+        _plan_jobs(connection, event, envelope)
+    elif getattr(event, "request_id", None):
+        _move_job(connection, event, envelope)
 
 
 def _move_migration(connection: Connection, event: Event, envelope: Envelope) -> None:
@@ -211,4 +207,4 @@ def _update_job(connection: Connection, migration_id: str, request_id: str,
     )
 
 
-HANDLERS = {event_type: record_event for event_type in EVENTS}
+HANDLERS: dict[str, Handler] = {event_type: record_event for event_type in EVENTS}

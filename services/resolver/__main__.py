@@ -1,7 +1,11 @@
-"""python -m services.resolver: run the resolver service (same as `ferry run resolver`)."""
+"""python -m services.resolver: run the resolver service (what `ferry run resolver` runs)."""
 
 import sys
 
-from shared.cli import main
+from services.resolver.bootstrap import bootstrap
+from shared.runner import run_until_stopped, service_arguments
+from shared.settings import Settings
 
-sys.exit(main(["run", "resolver", *sys.argv[1:]]))
+options = service_arguments("Run Ferry's resolver service until SIGTERM.", concurrency=False)
+settings = Settings()
+sys.exit(run_until_stopped([bootstrap(settings)], settings))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from typing import Any
 
+from services.resolver import SCHEMA
 from services.resolver.allocation import Allocator
-from services.resolver.handlers import HANDLERS, Resolver, fail_migration
+from services.resolver.handlers import HANDLERS, ON_FAILURE, Resolver
 from services.resolver.inventory import open_inventory
 from services.resolver.pools import Pools, seed_pools
-from shared.envelope import Envelope
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name
@@ -19,23 +17,14 @@ NAME = "resolver"
 log = logging.getLogger(__name__)
 
 
-def bootstrap(settings: Settings, **_: Any) -> Service:
+def bootstrap(settings: Settings) -> Service:
     """Raises ConfigurationError for unusable pool settings or an unreadable inventory file."""
     pools = Pools.from_settings(settings)  # before touching the database: fail fast
-    engine = open_database(settings, NAME)
-    seed_pools(engine, pools)
+    units = open_database(settings, SCHEMA)
+    seed_pools(units.engine, pools)
     inventory = open_inventory(settings) if settings.inventory else None
     if inventory is None:
         log.warning("resolver: FERRY_INVENTORY is not set; every migration will fail until "
                     "it is")
-    resolver = Resolver(engine, Allocator(pools), inventory)
-    handlers = {kind: functools.partial(handler, resolver=resolver)
-                for kind, handler in HANDLERS.items()}
-    service: Service
-
-    def on_failure(event: Any, envelope: Envelope, error: BaseException) -> None:
-        fail_migration(event, envelope, error, uow=service.uow())
-
-    service = Service(NAME, settings, engine, QueueSpec(queue_name(NAME), routing_keys(HANDLERS)),
-                      handlers, on_failure=on_failure)
-    return service
+    return Service(NAME, settings, units, QueueSpec(queue_name(NAME), routing_keys(HANDLERS)),
+                   HANDLERS, deps=Resolver(Allocator(pools), inventory), on_failure=ON_FAILURE)

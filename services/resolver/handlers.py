@@ -1,8 +1,8 @@
 """The resolver service's handlers: plain functions, registered by event type at the bottom.
 
 `resolve_migration` turns a submitted document into allocations, a resolved document and
-one archive job per source. Everything it changes (the inbox claim, every allocation, the
-outgoing events) commits in one transaction, or nothing does.
+one archive job per source. Everything it changes (every allocation, the outgoing events)
+commits in the runtime's one transaction, or nothing does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection
 
 from services.resolver.allocation import Allocator, PoolExhaustedError
 from services.resolver.inventory import Inventory
@@ -23,10 +23,8 @@ from services.resolver.tables import ID, resolutions
 from shared.contracts import MigrationFailed, MigrationResolved, MigrationSubmitted
 from shared.db import dialect_insert
 from shared.document import MigrationDocument, validate_document
-from shared.envelope import Envelope
 from shared.errors import ConfigurationError, PermanentError
-from shared.inbox_outbox import UnitOfWork, inbox_table
-from shared.runtime import ServiceHandler
+from shared.runtime import Context, Handler
 
 log = logging.getLogger(__name__)
 
@@ -37,70 +35,46 @@ STAGE = "resolve"
 class Resolver:
     """What the handlers need besides their unit of work (wired by bootstrap)."""
 
-    engine: Engine
     allocator: Allocator
     inventory: Inventory | None  # None: FERRY_INVENTORY unset; every migration fails saying so
 
-    def seen(self, message_id: uuid.UUID, handler: str) -> bool:
-        with self.engine.connect() as connection:
-            return connection.execute(
-                select(inbox_table.c.message_id).where(
-                    inbox_table.c.message_id == str(message_id),
-                    inbox_table.c.handler == handler)).first() is not None
 
-
-def resolve_migration(event: MigrationSubmitted, envelope: Envelope, *, uow: UnitOfWork,
-                      resolver: Resolver) -> None:
+def resolve_migration(event: MigrationSubmitted, ctx: Context[Resolver]) -> None:
     """Allocate, resolve and plan a submitted migration; emit migration.resolved and a
     snapshot.requested / archive.requested per job.
 
-    Raises PermanentError (the bus emits migration.failed through `fail_migration`) for an
-    invalid document or an entity the inventory lacks, TransientError when the inventory is
-    unreachable. An exhausted pool fails the migration here, holding nothing.
+    Raises PermanentError (the runtime emits migration.failed through `fail_migration`) for
+    an invalid document or an entity the inventory lacks, TransientError when the inventory
+    is unreachable. An exhausted pool fails the migration here, holding nothing.
     """
-    migration_id = envelope.migration_id
-    if resolver.seen(envelope.id, "resolve_migration"):
-        return  # handled before: skip asking the inventory again
+    resolver, migration_id = ctx.deps, ctx.migration_id
     document = _parse(event, migration_id)
     if resolver.inventory is None:
         raise ConfigurationError("FERRY_INVENTORY is not set: the resolver cannot read the "
                                  "old site's inventory")
-    # Asked before the transaction opens, so no lock waits on the inventory.
     plan = plan_archives(document, resolver.inventory, migration_id)
+    allocating = ctx.connection.begin_nested()
     try:
-        with uow:
-            if not uow.inbox.claim(envelope.id, "resolve_migration"):
-                return
-            allocated = resolver.allocator.allocate(uow.connection, migration_id,
-                                                    needs_of(document))
-            resolved = MigrationResolved(
-                customer_id=event.customer_id, allocations=allocated.as_payload(),
-                resolved_document=resolve_document(document, allocated), jobs=plan.jobs)
-            _emit(uow, resolved, plan, envelope)
-            _record(uow.connection, migration_id, event.customer_id, envelope.id, resolved)
-            uow.commit()
+        allocated = resolver.allocator.allocate(ctx.connection, migration_id,
+                                                needs_of(document))
     except PoolExhaustedError as error:
+        allocating.rollback()  # nothing held; the inbox claim stays, so this is said once
         log.warning("resolver: migration %s failed: %s", migration_id, error)
-        # The allocation rolled back; this second transaction only says so, once.
-        with uow:
-            if not uow.inbox.claim(envelope.id, "resolve_migration"):
-                return
-            uow.outbox.add(MigrationFailed(stage=STAGE, reason=str(error)),
-                           migration_id=migration_id, cause=envelope)
-            uow.commit()
+        ctx.emit(MigrationFailed(stage=STAGE, reason=str(error)))
+        return
+    allocating.commit()
+    resolved = MigrationResolved(
+        customer_id=event.customer_id, allocations=allocated.as_payload(),
+        resolved_document=resolve_document(document, allocated), jobs=plan.jobs)
+    _emit(ctx, resolved, plan)
+    _record(ctx.connection, migration_id, event.customer_id, ctx.envelope.id, resolved)
 
 
-def fail_migration(event: Any, envelope: Envelope, error: BaseException, *,
-                   uow: UnitOfWork) -> None:
+def fail_migration(event: Any, ctx: Context[Resolver], error: BaseException) -> None:
     """The bus gave up on a message: say migration.failed once, naming what went wrong."""
     reason = str(error) if isinstance(error, PermanentError) else (
         f"gave up retrying: {type(error).__name__}: {error}")
-    with uow:
-        if not uow.inbox.claim(envelope.id, "fail_migration"):
-            return
-        uow.outbox.add(MigrationFailed(stage=STAGE, reason=reason),
-                       migration_id=envelope.migration_id, cause=envelope)
-        uow.commit()
+    ctx.emit(MigrationFailed(stage=STAGE, reason=reason))
 
 
 def _parse(event: MigrationSubmitted, migration_id: str) -> MigrationDocument:
@@ -114,14 +88,13 @@ def _parse(event: MigrationSubmitted, migration_id: str) -> MigrationDocument:
     return document
 
 
-def _emit(uow: UnitOfWork, resolved: MigrationResolved, plan: Plan, cause: Envelope) -> None:
+def _emit(ctx: Context[Resolver], resolved: MigrationResolved, plan: Plan) -> None:
     # migration.resolved first: whoever follows the migration hears of it before its jobs.
-    migration_id = cause.migration_id
-    uow.outbox.add(resolved, migration_id=migration_id, cause=cause)
+    ctx.emit(resolved)
     for snapshot in plan.snapshots:
-        uow.outbox.add(snapshot, migration_id=migration_id, cause=cause)
+        ctx.emit(snapshot)
     for archive in plan.archives:
-        uow.outbox.add(archive, migration_id=migration_id, cause=cause)
+        ctx.emit(archive)
 
 
 def _record(connection: Connection, migration_id: str, customer_id: str,
@@ -139,4 +112,5 @@ def _record(connection: Connection, migration_id: str, customer_id: str,
               "resolved_at": insert.excluded.resolved_at}))
 
 
-HANDLERS: dict[str, ServiceHandler] = {MigrationSubmitted.TYPE: resolve_migration}
+HANDLERS: dict[str, Handler] = {MigrationSubmitted.TYPE: resolve_migration}
+ON_FAILURE = fail_migration

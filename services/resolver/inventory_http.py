@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from services.resolver.inventory import (
+from services.resolver.inventory_model import (
     KINDS,
     InventoryInvalidError,
     M,

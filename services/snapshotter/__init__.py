@@ -1,0 +1,7 @@
+"""The snapshotter service. `SCHEMA` names its database and where its Alembic scripts are."""
+
+from pathlib import Path
+
+from shared.db import Schema
+
+SCHEMA = Schema("snapshotter", Path(__file__).with_name("migrations"))

@@ -3,9 +3,7 @@ watch and the reconciler."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
+from services.snapshotter import SCHEMA
 from services.snapshotter.drivers import StepHook
 from services.snapshotter.handlers import HANDLERS
 from services.snapshotter.jobs import SnapshotWork
@@ -15,6 +13,7 @@ from shared.addresses import host_pool
 from shared.hosts import HostPool
 from shared.jobs import JobWorker, Leases
 from shared.periodic import Periodic
+from shared.retry import RetryPolicy
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name
@@ -22,42 +21,22 @@ from shared.topology import QueueSpec, queue_name
 NAME = "snapshotter"
 
 
-@dataclass
-class SnapshotterService(Service):
-    """A Service that also runs the COW watch and the reconciler while it runs."""
-
-    work: SnapshotWork | None = None
-    loops: list[Periodic] = field(default_factory=list)
-
-    def start(self) -> None:
-        super().start()
-        for loop in self.loops:
-            loop.start()
-
-    def stop(self) -> None:
-        for loop in self.loops:
-            loop.stop()
-        super().stop()
-        if self.work is not None:
-            self.work.hosts.close_all()
-
-
 def bootstrap(settings: Settings, *, concurrency: int | None = None,
-              hosts: HostPool | None = None, on_step: StepHook | None = None,
-              **_: Any) -> SnapshotterService:
-    engine = open_database(settings, NAME)
-    service = SnapshotterService(NAME, settings, engine,
-                                 QueueSpec(queue_name(NAME), routing_keys(HANDLERS)), HANDLERS)
-    work = SnapshotWork(settings, engine, hosts or host_pool(settings), wake=service.wake,
-                        on_step=on_step)
-    service.work = work
-    service.workers.append(JobWorker(
-        Leases(engine, snapshot_jobs, settings.lease_seconds), work.run, fail=work.fail,
-        name=f"{NAME}-jobs", concurrency=concurrency or settings.concurrency,
-        poll_seconds=settings.job_poll_seconds, max_attempts=settings.max_attempts,
-        retry_delays=settings.retry_delays))
-    service.loops = [
-        Periodic(f"{NAME}-cow-watch", settings.snapshot_watch_seconds, lambda: watch_cows(work)),
-        Periodic(f"{NAME}-reconciler", settings.reconcile_seconds, lambda: reconcile(work)),
-    ]
-    return service
+              hosts: HostPool | None = None, on_step: StepHook | None = None) -> Service:
+    """The snapshotter on its database; `hosts` (the Xen hosts, else from the settings) are
+    closed when it stops; `on_step` lets tests fail a create at a named step."""
+    units = open_database(settings, SCHEMA)
+    hosts = hosts if hosts is not None else host_pool(settings)
+    work = SnapshotWork(settings, units, hosts, on_step=on_step)
+    worker = JobWorker(
+        Leases(units.engine, snapshot_jobs, settings.lease_seconds), work.run, units=units,
+        policy=RetryPolicy.from_settings(settings), name=f"{NAME}-jobs", fail=work.fail,
+        concurrency=concurrency or settings.concurrency, poll_seconds=settings.job_poll_seconds)
+    return Service(
+        NAME, settings, units, QueueSpec(queue_name(NAME), routing_keys(HANDLERS)), HANDLERS,
+        workers=[worker],
+        loops=[Periodic(f"{NAME}-cow-watch", settings.snapshot_watch_seconds,
+                        lambda: watch_cows(work)),
+               Periodic(f"{NAME}-reconciler", settings.reconcile_seconds,
+                        lambda: reconcile(work))],
+        on_closed=[hosts.close_all])

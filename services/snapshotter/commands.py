@@ -13,8 +13,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, or_, select
 
-from services.snapshotter.handlers import ACTIVE, mark_for_release
-from services.snapshotter.tables import snapshot_jobs
+from services.snapshotter import SCHEMA
+from services.snapshotter.handlers import mark_for_release
+from services.snapshotter.tables import ACTIVE, snapshot_jobs
+from shared.jobs import DONE, FAILED
 from shared.settings import Settings
 
 console = Console()
@@ -23,7 +25,7 @@ console = Console()
 def _engine(settings: Settings) -> Engine:
     from shared.runtime import open_database
 
-    return open_database(settings, "snapshotter")
+    return open_database(settings, SCHEMA).engine
 
 
 def _mib(value: int | None) -> str:
@@ -35,7 +37,7 @@ def list_snapshots(settings: Settings, show_all: bool = False) -> Table:
     t = snapshot_jobs
     query = select(t).order_by(t.c.created_at)
     if not show_all:
-        query = query.where(t.c.state.not_in(("done", "failed")))
+        query = query.where(t.c.state.not_in((DONE, FAILED)))
     table = Table("job", "request", "host", "driver", "phase", "snapshot", "port",
                   "COW used/size MiB", "note")
     engine = _engine(settings)

@@ -10,19 +10,16 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 
 from services.snapshotter.devicemapper import check_device
-from services.snapshotter.tables import snapshot_jobs
+from services.snapshotter.tables import ACTIVE, RELEASING, WAITING, snapshot_jobs
 from shared.addresses import parse_address
 from shared.contracts import ArchiveCompleted, ArchiveFailed, SnapshotFailed, SnapshotRequested
-from shared.envelope import Envelope
 from shared.errors import ConfigurationError, PermanentError
-from shared.inbox_outbox import UnitOfWork
 from shared.jobs import FAILED, PENDING, new_job_values
-from shared.runtime import ServiceHandler
+from shared.runtime import Context, Handler
 
-ACTIVE = "active"  # a job state: the snapshot exists and is exported; holds its host's slot
 AFTER_FAILURE = "archive failed"  # release reasons that start so get a validity check first
 
 
@@ -40,28 +37,22 @@ def request_problem(event: SnapshotRequested) -> str | None:
     return None
 
 
-def request_snapshot(event: SnapshotRequested, envelope: Envelope, *, uow: UnitOfWork) -> None:
+def request_snapshot(event: SnapshotRequested, ctx: Context[None]) -> None:
     """Record a snapshot job (one per request id); a bad request fails at once, clearly."""
-    with uow:
-        if not uow.inbox.claim(envelope.id, "request_snapshot"):
-            return
-        known = uow.connection.execute(select(snapshot_jobs.c.id).where(
-            snapshot_jobs.c.request_id == event.request_id)).first()
-        if known is None:
-            problem = request_problem(event)
-            values = new_job_values(
-                uuid.uuid4().hex[:12], envelope.migration_id, "snapshot",
-                event.model_dump(mode="json"), request_id=event.request_id,
-                xen_host=event.xen_host, datacenter=event.datacenter, driver=event.driver,
-                phase="waiting", admitted=False, cow_attempt=0)
-            if problem:
-                values.update(state=FAILED, phase="failed", error=problem)
-                uow.outbox.add(SnapshotFailed(request_id=event.request_id,
-                                              datacenter=event.datacenter,
-                                              host=event.xen_host, reason=problem),
-                               migration_id=envelope.migration_id, cause=envelope)
-            uow.connection.execute(insert(snapshot_jobs).values(values))
-        uow.commit()
+    known = ctx.connection.execute(select(snapshot_jobs.c.id).where(
+        snapshot_jobs.c.request_id == event.request_id)).first()
+    if known is not None:
+        return
+    problem = request_problem(event)
+    values = new_job_values(
+        uuid.uuid4().hex[:12], ctx.migration_id, "snapshot", event.model_dump(mode="json"),
+        request_id=event.request_id, xen_host=event.xen_host, datacenter=event.datacenter,
+        driver=event.driver, phase=WAITING, admitted=False, cow_attempt=0)
+    if problem:
+        values.update(state=FAILED, phase=FAILED, error=problem)
+        ctx.emit(SnapshotFailed(request_id=event.request_id, datacenter=event.datacenter,
+                                host=event.xen_host, reason=problem))
+    ctx.connection.execute(insert(snapshot_jobs).values(values))
 
 
 def release_reason(job: Any, event: ArchiveCompleted | ArchiveFailed) -> str | None:
@@ -82,22 +73,17 @@ def release_reason(job: Any, event: ArchiveCompleted | ArchiveFailed) -> str | N
     return "archive completed"
 
 
-def release_after_archive(event: ArchiveCompleted | ArchiveFailed, envelope: Envelope, *,
-                          uow: UnitOfWork) -> None:
+def release_after_archive(event: ArchiveCompleted | ArchiveFailed, ctx: Context[None]) -> None:
     """archive.completed / archive.failed for a snapshot's request: release the snapshot."""
-    with uow:
-        if not uow.inbox.claim(envelope.id, "release_after_archive"):
-            return
-        job = uow.connection.execute(select(snapshot_jobs).where(
-            snapshot_jobs.c.request_id == event.request_id)).first()
-        reason = release_reason(job, event) if job is not None else None
-        if job is not None and reason is not None:
-            mark_for_release(uow.connection, job.id, job.snapshot_id, reason)
-        uow.commit()
+    job = ctx.connection.execute(select(snapshot_jobs).where(
+        snapshot_jobs.c.request_id == event.request_id)).first()
+    reason = release_reason(job, event) if job is not None else None
+    if job is not None and reason is not None:
+        mark_for_release(ctx.connection, job.id, job.snapshot_id, reason)
 
 
-def mark_for_release(connection: Any, job_id: str, snapshot_id: str | None, reason: str,
-                     phase: str = "releasing") -> bool:
+def mark_for_release(connection: Connection, job_id: str, snapshot_id: str | None,
+                     reason: str, phase: str = RELEASING) -> bool:
     """Hand an active snapshot to the workers for release (phase `invalid`: release, then
     retry with a larger COW). False when it was not active any more (someone was first)."""
     t = snapshot_jobs
@@ -108,7 +94,7 @@ def mark_for_release(connection: Any, job_id: str, snapshot_id: str | None, reas
     return bool(done.rowcount == 1)
 
 
-HANDLERS: dict[str, ServiceHandler] = {
+HANDLERS: dict[str, Handler] = {
     SnapshotRequested.TYPE: request_snapshot,
     ArchiveCompleted.TYPE: release_after_archive,
     ArchiveFailed.TYPE: release_after_archive,

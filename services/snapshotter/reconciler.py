@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import Engine, and_, or_, select, update
 
 from services.snapshotter import exports
-from services.snapshotter.handlers import ACTIVE, mark_for_release
+from services.snapshotter.handlers import mark_for_release
 from services.snapshotter.jobs import SnapshotWork
-from services.snapshotter.tables import snapshot_jobs
+from services.snapshotter.tables import ACTIVE, INVALID, RELEASING, snapshot_jobs
 from shared.errors import FerryError
-from shared.jobs import PENDING, RUNNING
+from shared.jobs import DONE, FAILED, PENDING, RUNNING
 
 log = logging.getLogger(__name__)
 REMEMBER_HOSTS_SECONDS = 7 * 86400  # hosts of jobs this recent are visited
@@ -32,8 +32,8 @@ REMEMBER_HOSTS_SECONDS = 7 * 86400  # hosts of jobs this recent are visited
 
 def watch_cows(work: SnapshotWork) -> int:
     """One round of the COW watch; returns how many snapshots it found invalid."""
-    t, invalid = snapshot_jobs, 0
-    with work.engine.connect() as connection:
+    t, invalid, marked = snapshot_jobs, 0, False
+    with work.units.engine.connect() as connection:
         active = connection.execute(select(t).where(t.c.state == ACTIVE,
                                                     t.c.driver != "none")).all()
     for job in active:
@@ -43,21 +43,23 @@ def watch_cows(work: SnapshotWork) -> int:
             log.warning("snapshotter: COW watch of %s on %s: %s", job.snapshot_id,
                         job.xen_host, error)
             continue
-        with work.engine.begin() as connection:
+        with work.units.engine.begin() as connection:
             if usage is None:
-                mark_for_release(connection, job.id, job.snapshot_id,
-                                 f"snapshot {job.snapshot_id} vanished from {job.xen_host}")
+                marked |= mark_for_release(
+                    connection, job.id, job.snapshot_id,
+                    f"snapshot {job.snapshot_id} vanished from {job.xen_host}")
             elif not usage.valid:
                 invalid += 1
-                mark_for_release(connection, job.id, job.snapshot_id,
-                                 f"COW full: snapshot {job.snapshot_id} invalidated "
-                                 f"({usage.total_bytes or job.cow_bytes} bytes of COW)", "invalid")
+                marked |= mark_for_release(
+                    connection, job.id, job.snapshot_id,
+                    f"COW full: snapshot {job.snapshot_id} invalidated "
+                    f"({usage.total_bytes or job.cow_bytes} bytes of COW)", INVALID)
             else:
                 connection.execute(update(t).where(
                     t.c.id == job.id, t.c.state == ACTIVE, t.c.snapshot_id == job.snapshot_id,
                 ).values(bytes_done=usage.used_bytes, bytes_total=usage.total_bytes))
-    if invalid:
-        work.wake()
+    if marked:
+        work.units.wake()  # the workers release them now, not at their next poll
     return invalid
 
 
@@ -70,7 +72,7 @@ def held_snapshots(engine: Engine, address: str) -> set[str]:
             t.c.xen_host == address, t.c.snapshot_id.is_not(None),
             or_(t.c.state == ACTIVE,
                 and_(t.c.state == RUNNING, t.c.lease_expires_at >= now),
-                and_(t.c.state == PENDING, t.c.phase.in_(("releasing", "invalid")))),
+                and_(t.c.state == PENDING, t.c.phase.in_((RELEASING, INVALID)))),
         )).scalars().all()
     return {str(sid) for sid in rows}
 
@@ -78,10 +80,10 @@ def held_snapshots(engine: Engine, address: str) -> set[str]:
 def reconcile(work: SnapshotWork) -> dict[str, list[str]]:
     """One round over every recent host; {host: snapshot ids torn down}."""
     t = snapshot_jobs
-    with work.engine.connect() as connection:
+    with work.units.engine.connect() as connection:
         hosts = connection.execute(select(t.c.xen_host, t.c.driver).distinct().where(
             t.c.driver != "none",
-            or_(t.c.state.not_in(("done", "failed")),
+            or_(t.c.state.not_in((DONE, FAILED)),
                 t.c.updated_at >= time.time() - REMEMBER_HOSTS_SECONDS),
         )).all()
     removed: dict[str, list[str]] = {}
@@ -104,7 +106,7 @@ def reconcile_host(work: SnapshotWork, address: str, drivers: list[str]) -> list
         for sid in driver.leftovers(host):
             found[sid] = driver
     serving = set(exports.server_pids(host).values()) | exports.configured(host)
-    held = held_snapshots(work.engine, address)
+    held = held_snapshots(work.units.engine, address)
     torn = []
     for sid in sorted((set(found) | serving) - held):
         log.warning("snapshotter: %s on %s is held by no job: tearing it down", sid, address)
@@ -113,11 +115,12 @@ def reconcile_host(work: SnapshotWork, address: str, drivers: list[str]) -> list
             found[sid].release(host, sid)
         torn.append(sid)
     t = snapshot_jobs
-    with work.engine.begin() as connection:
-        for job in connection.execute(select(t).where(  # active since before the scan
+    with work.units() as uow:  # its commit wakes the workers, which release what is marked
+        for job in uow.connection.execute(select(t).where(  # active since before the scan
                 t.c.xen_host == address, t.c.state == ACTIVE, t.c.updated_at < scanned_at)).all():
             if job.driver != "none" and job.snapshot_id not in found:
-                mark_for_release(connection, job.id, job.snapshot_id,
+                mark_for_release(uow.connection, job.id, job.snapshot_id,
                                  f"snapshot {job.snapshot_id} not found on {address} "
                                  f"(reconciler)")
+        uow.commit()
     return torn

@@ -3,7 +3,7 @@
 `snapshot_jobs` is a leased job table. `state` drives the workers (pending, running, done,
 failed, plus `active`: a snapshot that exists and is exported, holding its host's slot, not
 claimable); `phase` says what the snapshot is doing, for people and for the next claim:
-waiting -> creating -> active -> releasing -> released (or failed).
+waiting -> creating -> active -> releasing (or invalid) -> released (or failed).
 """
 
 from __future__ import annotations
@@ -11,6 +11,16 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
 
 from shared.jobs import job_table
+
+# The job state beyond shared.jobs' pending/running/done/failed: the snapshot exists and is
+# exported, holds its host's slot, and is not claimable until marked for release.
+ACTIVE = "active"
+# Phases (`active` and `failed` are phases too, named as the states).
+WAITING = "waiting"  # for a worker, or for a slot on its host
+CREATING = "creating"  # the snapshot id is recorded; the host is being touched
+RELEASING = "releasing"  # marked for release: a worker tears it down
+INVALID = "invalid"  # its COW filled up: torn down, then retried with a larger COW
+RELEASED = "released"
 
 metadata = MetaData()
 

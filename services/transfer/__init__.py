@@ -1,0 +1,7 @@
+"""The transfer service. `SCHEMA` names its database and where its Alembic scripts are."""
+
+from pathlib import Path
+
+from shared.db import Schema
+
+SCHEMA = Schema("transfer", Path(__file__).with_name("migrations"))

@@ -1,7 +1,11 @@
-"""python -m services.transfer: run the transfer service (same as `ferry run transfer`)."""
+"""python -m services.transfer: run the transfer service (what `ferry run transfer` runs)."""
 
 import sys
 
-from shared.cli import main
+from services.transfer.bootstrap import bootstrap
+from shared.runner import run_until_stopped, service_arguments
+from shared.settings import Settings
 
-sys.exit(main(["run", "transfer", *sys.argv[1:]]))
+options = service_arguments("Run Ferry's transfer service until SIGTERM.")
+settings = Settings()
+sys.exit(run_until_stopped([bootstrap(settings, concurrency=options.concurrency)], settings))

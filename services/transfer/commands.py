@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, select, update
 
+from services.transfer import SCHEMA
 from services.transfer.ledger import FAILED, TRANSFERRING
 from services.transfer.tables import transfer_requests, transfers
-from shared.jobs import DONE, PENDING
+from shared.jobs import DONE, rearm_values
 from shared.jobs import FAILED as JOB_FAILED
 from shared.runtime import open_database
 from shared.settings import Settings
@@ -34,8 +35,7 @@ def requeue_transfers(engine: Engine, migration_id: str) -> int:
         if not ids:
             return 0
         connection.execute(update(t).where(t.c.id.in_(ids)).values(
-            state=PENDING, attempts=0, verify_failures=0, next_run_at=now, error=None,
-            lease_owner=None, lease_expires_at=None, updated_at=now))
+            **rearm_values(verify_failures=0, error=None)))
         connection.execute(update(r).where(r.c.job_id.in_(ids), r.c.state == FAILED)
                            .values(state=TRANSFERRING, reason=None, updated_at=now))
     return len(ids)
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         migration: Annotated[str | None, typer.Argument(help="one migration's only")] = None,
     ) -> None:
         """Show transfers: state, progress, attempts, last error."""
-        engine = open_database(Settings(), "transfer")
+        engine = open_database(Settings(), SCHEMA).engine
         query = select(transfers).order_by(transfers.c.created_at)
         if migration:
             query = query.where(transfers.c.migration_id == migration)
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
     def verify(migration: Annotated[str, typer.Argument(help="the migration id")]) -> None:
         """Check the migration's archives at the destination again (sha256), repairing any
         damaged copy; also retries its failed transfers."""
-        count = requeue_transfers(open_database(Settings(), "transfer"), migration)
+        count = requeue_transfers(open_database(Settings(), SCHEMA).engine, migration)
         if count == 0:
             console.print(f"[red]no finished transfers for migration {migration}[/]")
             raise typer.Exit(1)

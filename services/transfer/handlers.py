@@ -14,15 +14,13 @@ from typing import Any
 from sqlalchemy import select, update
 
 from services.transfer import ledger
-from services.transfer.destination import safe_component
+from services.transfer.destination import Destination, safe_component
 from services.transfer.tables import transfer_migrations, transfer_requests, transfers
 from shared.contracts import ArchiveCompleted, ArchiveFailed, MigrationResolved, TransferFailed
 from shared.db import insert_ignoring_conflicts
-from shared.envelope import Envelope
 from shared.errors import PermanentError
-from shared.inbox_outbox import UnitOfWork
 from shared.jobs import DONE, FAILED, new_job_values
-from shared.runtime import ServiceHandler
+from shared.runtime import Context, Handler
 
 
 def transfer_id(migration_id: str, archive_id: str) -> str:
@@ -31,100 +29,78 @@ def transfer_id(migration_id: str, archive_id: str) -> str:
     return f"tr-{digest[:40]}"
 
 
-def record_expected_requests(event: MigrationResolved, envelope: Envelope, *, uow: UnitOfWork,
-                             destination: str) -> None:
+def record_expected_requests(event: MigrationResolved, ctx: Context[Destination]) -> None:
     """Remember every archive request of the migration: it completes when all transferred."""
-    with uow:
-        if not uow.inbox.claim(envelope.id, "record_expected_requests"):
-            return
-        connection, migration_id = uow.connection, envelope.migration_id
-        ledger.lock_migration(connection, migration_id)
-        for job in event.jobs:
-            insert_ignoring_conflicts(connection, transfer_requests, {
-                "migration_id": migration_id, "request_id": job.request_id, "kind": job.kind,
-                "state": ledger.EXPECTED, "updated_at": time.time()})
-        m = transfer_migrations
-        connection.execute(update(m).where(m.c.migration_id == migration_id)
-                           .values(resolved=True))
-        # its archives may all have been transferred before this message arrived
-        ledger.complete_if_done(connection, uow.outbox, migration_id, envelope)
-        uow.commit()
+    connection, migration_id = ctx.connection, ctx.migration_id
+    ledger.lock_migration(connection, migration_id)
+    for job in event.jobs:
+        insert_ignoring_conflicts(connection, transfer_requests, {
+            "migration_id": migration_id, "request_id": job.request_id, "kind": job.kind,
+            "state": ledger.EXPECTED, "updated_at": time.time()})
+    m = transfer_migrations
+    connection.execute(update(m).where(m.c.migration_id == migration_id).values(resolved=True))
+    # its archives may all have been transferred before this message arrived
+    ledger.complete_if_done(connection, ctx.outbox, migration_id, ctx.envelope)
 
 
-def record_archive(event: ArchiveCompleted, envelope: Envelope, *, uow: UnitOfWork,
-                   destination: str) -> None:
-    """A transfer job for the archive (one per migration), linked to this request."""
-    migration_id = envelope.migration_id
-    safe_component(migration_id, "migration id")  # raises UnsafeNameError: dead-lettered
+def record_archive(event: ArchiveCompleted, ctx: Context[Destination]) -> None:
+    """A transfer job for the archive (one per migration) to the destination, linked to
+    this request. Raises UnsafeNameError, PermanentError for a path it will not send."""
+    connection, migration_id = ctx.connection, ctx.migration_id
+    safe_component(migration_id, "migration id")
     safe_component(event.file_name, "archive file name")
     if not PurePosixPath(event.path).is_absolute():
         raise PermanentError(f"archive {event.archive_id}: staging path {event.path!r} "
                              "is not absolute")
-    with uow:
-        if not uow.inbox.claim(envelope.id, "record_archive"):
-            return
-        connection = uow.connection
-        ledger.lock_migration(connection, migration_id)
-        job_id = transfer_id(migration_id, event.archive_id)
-        payload = {"archive_id": event.archive_id, "path": event.path,
-                   "file_name": event.file_name, "sha256": event.sha256,
-                   "bytes": event.compressed_bytes, "datacenter": event.datacenter,
-                   "kind": event.kind}
-        insert_ignoring_conflicts(connection, transfers, new_job_values(
-            job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,
-            archive_id=event.archive_id, destination=destination, verify_failures=0))
-        ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
-                           archive_id=event.archive_id, job_id=job_id,
-                           state=ledger.TRANSFERRING)
-        job = connection.execute(select(transfers).where(transfers.c.id == job_id)).one()
-        if job.state == DONE:  # another request's archive, already sent: count this one too
-            ledger.announce_transferred(connection, uow.outbox, job, job.result, envelope)
-        elif job.state == FAILED:
-            ledger.announce_failed(connection, uow.outbox, job, job.error or "failed", envelope)
-        uow.commit()
+    job_id = transfer_id(migration_id, event.archive_id)
+    payload = {"archive_id": event.archive_id, "path": event.path,
+               "file_name": event.file_name, "sha256": event.sha256,
+               "bytes": event.compressed_bytes, "datacenter": event.datacenter,
+               "kind": event.kind}
+    # the job row before the migration's lock, as the worker takes them (see ledger)
+    insert_ignoring_conflicts(connection, transfers, new_job_values(
+        job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,
+        archive_id=event.archive_id, destination=ctx.deps.text, verify_failures=0))
+    ledger.lock_migration(connection, migration_id)
+    ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
+                       archive_id=event.archive_id, job_id=job_id, state=ledger.TRANSFERRING)
+    job = connection.execute(select(transfers).where(transfers.c.id == job_id)).one()
+    if job.state == DONE:  # another request's archive, already sent: count this one too
+        ledger.announce_transferred(connection, ctx.outbox, job, job.result, ctx.envelope)
+    elif job.state == FAILED:
+        ledger.announce_failed(connection, ctx.outbox, job, job.error or "failed", ctx.envelope)
 
 
-def record_archive_failure(event: ArchiveFailed, envelope: Envelope, *, uow: UnitOfWork,
-                           destination: str) -> None:
+def record_archive_failure(event: ArchiveFailed, ctx: Context[Destination]) -> None:
     """An archive that will never come fails its migration (once)."""
-    with uow:
-        if not uow.inbox.claim(envelope.id, "record_archive_failure"):
-            return
-        if not event.will_retry:
-            connection = uow.connection
-            ledger.lock_migration(connection, envelope.migration_id)
-            ledger.put_request(connection, envelope.migration_id, event.request_id,
-                               kind=event.kind, state=ledger.ARCHIVE_FAILED,
-                               reason=event.reason[-2000:])
-            ledger.fail_migration(connection, uow.outbox, envelope.migration_id, "archive",
-                                  f"{event.kind} {event.request_id}: {event.reason}", envelope)
-        uow.commit()
+    if event.will_retry:
+        return
+    connection, migration_id = ctx.connection, ctx.migration_id
+    ledger.lock_migration(connection, migration_id)
+    ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
+                       state=ledger.ARCHIVE_FAILED, reason=event.reason[-2000:])
+    ledger.fail_migration(connection, ctx.outbox, migration_id, "archive",
+                          f"{event.kind} {event.request_id}: {event.reason}", ctx.envelope)
 
 
-def record_failed_message(event: Any, envelope: Envelope, error: BaseException, *,
-                          uow: UnitOfWork) -> None:
+def record_failed_message(event: Any, ctx: Context[Destination], error: BaseException) -> None:
     """The bus's failure hook: an archive.completed that cannot be recorded (say, a file name
     unfit for the destination) fails its request and migration instead of vanishing."""
     if not isinstance(event, ArchiveCompleted):
         return
-    with uow:
-        if not uow.inbox.claim(envelope.id, "record_failed_message"):
-            return
-        connection = uow.connection
-        ledger.lock_migration(connection, envelope.migration_id)
-        ledger.put_request(connection, envelope.migration_id, event.request_id,
-                           kind=event.kind, archive_id=event.archive_id, state=ledger.FAILED,
-                           reason=str(error)[-2000:])
-        uow.outbox.add(TransferFailed(request_id=event.request_id, archive_id=event.archive_id,
-                                      reason=str(error)[-2000:], attempts=0),
-                       migration_id=envelope.migration_id, cause=envelope)
-        ledger.fail_migration(connection, uow.outbox, envelope.migration_id, "transfer",
-                              str(error), envelope)
-        uow.commit()
+    connection, migration_id, reason = ctx.connection, ctx.migration_id, str(error)
+    ledger.lock_migration(connection, migration_id)
+    ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
+                       archive_id=event.archive_id, state=ledger.FAILED, reason=reason[-2000:])
+    ctx.emit(TransferFailed(request_id=event.request_id, archive_id=event.archive_id,
+                            reason=reason[-2000:], attempts=0))
+    ledger.fail_migration(connection, ctx.outbox, migration_id, "transfer", reason,
+                          ctx.envelope)
 
 
-HANDLERS: dict[str, ServiceHandler] = {
+HANDLERS: dict[str, Handler] = {
     MigrationResolved.TYPE: record_expected_requests,
     ArchiveCompleted.TYPE: record_archive,
     ArchiveFailed.TYPE: record_archive_failure,
 }
+ON_FAILURE = record_failed_message

@@ -1,9 +1,10 @@
-"""The transfer worker: each claim of a transfer job is one attempt at sending its archive.
+"""The transfer job: each claim of a transfer is one attempt at sending its archive.
 
 An attempt creates the directory at the destination, runs rsync (which resumes from what
 an earlier attempt left there), then compares the sha256 of the file at the destination
-with the archive's. A transient failure gives the job back with an exponential, jittered
-delay; the last attempt, a permanent failure or a second sha256 mismatch fails it.
+with the archive's. It returns what happened; the worker applies the transfer's retry
+policy (exponential, jittered, `transfer_attempts` at most) to a transient failure. A
+permanent failure, the last attempt or a second sha256 mismatch fails the job.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import hashlib
 import logging
 import posixpath
 import re
-import secrets
 import threading
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, Row, and_, func, select
 
 from services.transfer import ledger, rsync
-from services.transfer.attempts import Attempt
+from services.transfer.attempts import Attempt, Ending
 from services.transfer.destination import Destination, open_host, parse_destination, ssh_identity
 from services.transfer.progress import ProgressReporter
 from services.transfer.tables import transfers
 from shared.db import is_postgres
-from shared.errors import PermanentError, TransientError, UnexpectedExit
+from shared.errors import PermanentError, ServiceStoppingError, TransientError, UnexpectedExit
 from shared.hosts import Host, HostPool, LocalExecutor
 from shared.inbox_outbox import UnitOfWork
-from shared.jobs import FAILED, RUNNING, JobWorker, Lease, Leases
+from shared.jobs import RUNNING, Done, Failed, Lease, Leases, Outcome, RetryIn
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ HASHERS = (["openssl", "dgst", "-sha256", "-r", "--"], ["sha256sum", "--"])
 _DIGEST = re.compile(rb"^([0-9a-f]{64})[ \t]")
 
 
-class TransferInterruptedError(TransientError):
+class TransferInterruptedError(ServiceStoppingError):
     """The service is stopping: rsync was stopped, the next attempt resumes."""
 
 
@@ -55,14 +54,17 @@ class ChecksumMismatchError(PermanentError):
 
 @dataclass
 class TransferContext:
-    """What every attempt needs, wired by bootstrap."""
+    """What every attempt needs besides its lease, wired by bootstrap."""
 
     settings: Settings
-    engine: Engine
-    leases: TransferLeases
-    uow: Callable[[], UnitOfWork]
     hosts: HostPool
     stopping: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self) -> None:
+        """Stop the running rsyncs (at their next progress line) and close the destination
+        connections; what that cuts short is given back as interrupted, not failed."""
+        self.stopping.set()
+        self.hosts.close_all()
 
 
 class TransferLeases(Leases):
@@ -96,20 +98,14 @@ class TransferLeases(Leases):
                 lock.rollback()
 
 
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Delay before attempt `attempt + 1`: base·2^(attempt-1), capped, with "equal jitter"
-    (half fixed, half random) so transfers that failed together do not return together."""
-    step = min(cap, base * 2 ** max(0, attempt - 1))
-    return float(step / 2 + secrets.SystemRandom().random() * step / 2)
-
-
-def run_transfer(lease: Lease, ctx: TransferContext) -> None:
-    """One attempt at the leased job. Raises PermanentError to fail it, LeaseLostError."""
+def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
+    """One attempt at the leased job; the worker applies the retry policy to what it returns.
+    Raises LeaseLostError, PermanentError for a job no attempt can send (its name unsafe)."""
     job, settings = lease.job, ctx.settings
     destination = parse_destination(job.destination, settings)
     source, size = Path(job.payload["path"]), int(job.payload["bytes"])
     remote = destination.file_path(job.migration_id, job.payload["file_name"])
-    attempt = Attempt.start(ctx.engine, ctx.leases, lease)
+    attempt = Attempt.start(lease)
     try:
         check_source(source, size, job.archive_id)
         host = ctx.hosts.get(job.destination)
@@ -120,37 +116,30 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> None:
         if digest != job.payload["sha256"]:
             # rsync's quick check or --append would keep a damaged copy forever: remove it
             host.run(["rm", "-f", "--", remote], timeout=settings.ssh_connect_timeout + 30)
-            reason = (f"sha256 at {destination.address}:{remote} is {digest}, the archive's is "
-                      f"{job.payload['sha256']}; removed it")
-            if job.verify_failures == 0:
-                log.warning("transfer %s: %s, sending it again from zero", job.id, reason)
-                attempt.give_back(0.0, reason, "sha256_mismatch", verify_failures=1)
-                return
-            raise ChecksumMismatchError(f"{reason}, again after a resend from zero (is the "
-                                        f"staging file {source} itself damaged?)")
-    except PermanentError as error:
-        attempt.end("failed", error)
-        raise
+            return resend_from_zero(lease, attempt, (
+                f"sha256 at {destination.address}:{remote} is {digest}, the archive's is "
+                f"{job.payload['sha256']}; removed it"))
     except TransientError as error:
-        retry(attempt, lease, error, settings)
-        return
-    complete(ctx, lease, attempt, destination, remote, digest)
+        if ctx.stopping.is_set():
+            # the stop cut this attempt short (rsync stopped, a host closed): no failed try
+            return RetryIn(0, str(error), counts_as_attempt=False,
+                           record=attempt.ended(Ending.INTERRUPTED, error))
+        return RetryIn(None, str(error), record=attempt.ended(Ending.RETRY, error))
+    except PermanentError as error:
+        return Failed(error, record=attempt.ended(Ending.FAILED, error))
+    return transferred(lease, attempt, destination, remote, digest)
 
 
-def retry(attempt: Attempt, lease: Lease, error: TransientError, settings: Settings) -> None:
-    """Give the job back for a later attempt; after the last one, fail it."""
-    attempts = int(lease.job.attempts)
-    if isinstance(error, TransferInterruptedError):  # a restart is not a failed attempt
-        attempt.give_back(0.0, error, "interrupted", attempts=attempts - 1)
-        return
-    if attempts >= settings.transfer_attempts:
-        attempt.end("failed", error)
-        raise PermanentError(f"gave up after {attempts} attempts; the last: {error}") from error
-    delay = backoff(attempts, settings.transfer_backoff_seconds,
-                    settings.transfer_backoff_max_seconds)
-    log.warning("transfer %s: attempt %d failed, again in %.1fs: %s", lease.job_id, attempts,
-                delay, error)
-    attempt.give_back(delay, error, "retry")
+def resend_from_zero(lease: Lease, attempt: Attempt, reason: str) -> RetryIn:
+    """Send the archive again at once, after its damaged copy was removed. Raises
+    ChecksumMismatchError when that was the resend already."""
+    job = lease.job
+    if job.verify_failures:
+        raise ChecksumMismatchError(f"{reason}, again after a resend from zero (is the staging "
+                                    f"file {job.payload['path']} itself damaged?)")
+    log.warning("transfer %s: %s, sending it again from zero", job.id, reason)
+    return RetryIn(0, reason, values={"verify_failures": 1},
+                   record=attempt.ended(Ending.SHA256_MISMATCH, reason))
 
 
 def check_source(source: Path, size: int, archive_id: str) -> None:
@@ -177,7 +166,7 @@ def send(ctx: TransferContext, lease: Lease, destination: Destination, source: P
     argv = rsync.rsync_argv(source, destination.rsync_target(remote), ssh=ssh,
                             timeout_seconds=settings.transfer_timeout_seconds,
                             bwlimit_kbps=settings.transfer_bwlimit_kbps)
-    reporter = ProgressReporter(ctx.uow, ctx.leases, lease, settings.transfer_progress_seconds)
+    reporter = ProgressReporter(lease, settings.transfer_progress_seconds)
 
     def on_progress(progress: rsync.Progress) -> None:
         if ctx.stopping.is_set():
@@ -219,9 +208,10 @@ def sha256_at(destination: Destination, host: Host, path: str, size: int,
                          f"{path} with")
 
 
-def complete(ctx: TransferContext, lease: Lease, attempt: Attempt, destination: Destination,
-             remote: str, digest: str) -> None:
-    """Finish the job, mark its requests transferred, announce it, in one transaction."""
+def transferred(lease: Lease, attempt: Attempt, destination: Destination, remote: str,
+                digest: str) -> Done:
+    """The job done with the verified copy; its record marks the job's requests transferred
+    and announces them (the migration too, when that was its last), with the job's row."""
     job = lease.job
     # from the first attempt's start: retries and their waits count, as the operator waited
     duration = max(time.time() - attempt.first_started(), 1e-6)
@@ -230,46 +220,25 @@ def complete(ctx: TransferContext, lease: Lease, attempt: Attempt, destination: 
               "bytes": size, "duration_s": round(duration, 3),
               "mb_per_s": round(size / duration / 1e6, 3), "sha256": digest,
               "attempt_stats": attempt.stats}
-    with ctx.uow() as uow:
+
+    def record(uow: UnitOfWork) -> None:
         ledger.lock_migration(uow.connection, job.migration_id)
-        ctx.leases.finish(uow.connection, lease.job_id, lease.owner, result=result,
-                          bytes_done=size, eta_seconds=0.0, error=None)
-        attempt.record(uow.connection, "transferred")
-        row = uow.connection.execute(select(transfers).where(transfers.c.id == job.id)).one()
-        ledger.announce_transferred(uow.connection, uow.outbox, row, result)
-        uow.commit()
+        attempt.record(uow.connection, Ending.TRANSFERRED)
+        ledger.announce_transferred(uow.connection, uow.outbox, job, result)
+
     log.info("transfer %s: %s verified at %s (%.1f MB/s)", job.id, job.archive_id,
              result["destination"], result["mb_per_s"])
+    return Done(result=result, values={"bytes_done": size, "eta_seconds": 0.0, "error": None},
+                record=record)
 
 
-def fail_transfer(lease: Lease, error: BaseException, ctx: TransferContext) -> None:
-    """The job failed for good: transfer.failed for each of its requests, the migration too."""
-    with ctx.uow() as uow:
-        ledger.lock_migration(uow.connection, lease.job.migration_id)
-        ctx.leases.finish(uow.connection, lease.job_id, lease.owner, state=FAILED,
-                          error=str(error)[-4000:])
-        row = uow.connection.execute(select(transfers).where(transfers.c.id == lease.job_id)).one()
-        ledger.announce_failed(uow.connection, uow.outbox, row, str(error))
-        uow.commit()
-
-
-class TransferWorker(JobWorker):
-    """Job threads on `transfers`; stopping also stops the rsyncs they run."""
-
-    def __init__(self, ctx: TransferContext, concurrency: int) -> None:
-        settings = ctx.settings
-        super().__init__(ctx.leases, lambda lease: run_transfer(lease, ctx),
-                         fail=lambda lease, error: fail_transfer(lease, error, ctx),
-                         name="transfer-jobs", concurrency=concurrency,
-                         poll_seconds=settings.job_poll_seconds,
-                         max_attempts=settings.transfer_attempts,
-                         retry_delays=settings.retry_delays)
-        self.ctx = ctx
-
-    def stop(self) -> None:
-        self.ctx.stopping.set()
-        super().stop()
-        self.ctx.hosts.close_all()
+def fail_transfer(lease: Lease, error: BaseException, uow: UnitOfWork) -> None:
+    """The worker's failure hook, before it marks the job failed: transfer.failed for each
+    of the job's requests, and the migration fails. What they say (the job's archive and
+    its attempts) is in the claimed row already."""
+    lease.update(uow.connection)  # the job row first, as every transaction here (ledger)
+    ledger.lock_migration(uow.connection, lease.job.migration_id)
+    ledger.announce_failed(uow.connection, uow.outbox, lease.job, str(error))
 
 
 def destination_pool(settings: Settings) -> HostPool:

@@ -3,6 +3,8 @@
 Handlers and the worker both change this state; every change to a migration's requests
 first locks its `transfer_migrations` row, so the transaction that completes the last
 request sees every other one committed and announces `migration.completed` exactly once.
+A transaction that writes a `transfers` row writes it before locking the migration (the
+worker writes a finished job's row before its record runs), so two never wait on each other.
 """
 
 from __future__ import annotations

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from services.transfer.ledger import requests_of
 from services.transfer.rsync import Progress
 from shared.contracts import ArchiveProgress
 from shared.errors import LeaseLostError
-from shared.inbox_outbox import UnitOfWork
-from shared.jobs import Lease, Leases
+from shared.jobs import Lease
 
 log = logging.getLogger(__name__)
 
 
 class ProgressReporter:
-    def __init__(self, uow: Callable[[], UnitOfWork], leases: Leases, lease: Lease,
-                 every: float) -> None:
-        self._uow = uow
-        self._leases = leases
+    def __init__(self, lease: Lease, every: float) -> None:
         self._lease = lease
         self._every = every
         self._last_event = time.monotonic()
@@ -46,8 +41,8 @@ class ProgressReporter:
 
     def _announce(self, progress: Progress, values: dict[str, float | int | None]) -> None:
         job = self._lease.job
-        with self._uow() as uow:
-            self._leases.update(uow.connection, job.id, self._lease.owner, **values)
+        with self._lease.units() as uow:  # the job's own progress, in its own transaction
+            self._lease.update(uow.connection, **values)
             for request in requests_of(uow.connection, job.id):
                 uow.outbox.add(ArchiveProgress(
                     datacenter=job.payload["datacenter"], request_id=request.request_id,

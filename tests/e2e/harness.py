@@ -4,83 +4,65 @@ tests: started, SIGKILLed and restarted by PID, stopped with SIGTERM."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from shared.loopback_sshd import free_port
+from ferry.loopback_sshd import free_port
+from tests.support.processes import ROOT, ChildProcess, stop_all
 
-ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("intake", "resolver", "snapshotter", "transfer")
+READY = "Ctrl-C stops"  # what `ferry run` prints once its services started
 
 
 @dataclass
 class Pipeline:
-    """The five services as processes: `processes` maps a name (archiver-1…) to its Popen."""
+    """The five services as processes: `processes` maps a name (archiver-1…) to its child."""
 
     env: dict[str, str]
     archivers: int = 2
     datacenter: str = "ey04"
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: dict[str, Path] = field(default_factory=dict)
+    processes: dict[str, ChildProcess] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://{self.env['FERRY_INTAKE_BIND']}"
 
-    def argv(self, name: str) -> list[str]:
+    def start(self, name: str) -> None:
+        """Start `name` (again, after a kill: same command, same log)."""
+        if name in self.processes:
+            self.processes[name].restart()
+            return
         service = name.split("-")[0]
         extra = ["--datacenter", self.datacenter] if service == "archiver" else []
-        return [sys.executable, "-m", "shared.cli_main", "run", service, *extra]
-
-    def start(self, name: str) -> None:
-        log = self.logs.setdefault(name, Path(tempfile.mkstemp(prefix=f"ferry-{name}-",
-                                                               suffix=".log")[1]))
-        handle = log.open("ab")
-        self.processes[name] = subprocess.Popen(self.argv(name), cwd=ROOT, env=self.env,
-                                                stdout=handle, stderr=subprocess.STDOUT)
-        handle.close()
+        self.processes[name] = ChildProcess.ferry("run", service, *extra, env=self.env)
 
     def start_all(self) -> None:
+        """Start every service and wait until each declared its queues (it says "running …
+        Ctrl-C stops" after that): what intake publishes before the resolver's queue exists
+        would be routed nowhere."""
         for name in [*SERVICES, *(f"archiver-{i + 1}" for i in range(self.archivers))]:
             self.start(name)
+        for process in self.processes.values():
+            process.wait_ready(READY)
         self.wait_for_api()
 
     def wait_for_api(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            if self.processes["intake"].poll() is not None:
-                raise AssertionError(f"intake exited: {self.logs['intake'].read_text()[-3000:]}")
-            time.sleep(0.2)
-        raise AssertionError("intake's API did not come up")
+                return False
+
+        self.processes["intake"].wait_ready(healthy, timeout)
 
     def kill(self, name: str) -> None:
-        process = self.processes[name]
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        self.processes[name].kill()
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-        for name, process in self.processes.items():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill(name)
+        stop_all(list(self.processes.values()))
 
     def client(self) -> httpx.Client:
         token = self.env["FERRY_API_TOKEN"]
@@ -95,8 +77,8 @@ class Pipeline:
         return response.json() if response.status_code == 200 else None
 
     def tail(self) -> str:
-        return "\n".join(f"--- {name}\n{log.read_text()[-2500:]}"
-                         for name, log in self.logs.items())
+        return "\n".join(f"--- {name}\n{process.tail(2500)}"
+                         for name, process in self.processes.items())
 
 
 def pipeline_env(workdir: Path, inventory: Path, broker_url: str,

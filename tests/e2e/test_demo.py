@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo_site import drop_database
+from ferry.demo_site import drop_database
 from tests.e2e.checks import check_destination, jobs_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ def test_demo_moves_every_source_intact(tmp_path: Path, hosts: str) -> None:
     # When a new user runs the demo on the embedded default (hosts reached locally, or
     # through an sshd on 127.0.0.1 with `--ssh`)
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli_main", "demo", "--size", "small", "--workdir",
+        [sys.executable, "-m", "ferry", "demo", "--size", "small", "--workdir",
          str(workdir), "--keep-source-database", *(["--ssh"] if hosts == "ssh" else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "COLUMNS": "200"})

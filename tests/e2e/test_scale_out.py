@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from ferry.demo_site import build_site, drop_database
+from ferry.dlq import list_dead
 from services.archiver.tables import archive_jobs
 from services.transfer.tables import transfers
-from shared.demo_site import build_site, drop_database
-from shared.dlq import list_dead
 from shared.settings import SERVICES
 from shared.topology import FIXED_QUEUES
 from tests.e2e.checks import check_destination, jobs_of

@@ -21,13 +21,13 @@ import pytest
 import zstandard
 from sqlalchemy import select
 
+from ferry.loopback_sshd import free_port
 from services.archiver.bootstrap import bootstrap
 from services.archiver.tables import archive_jobs, archive_requests
 from shared.bus import Publisher
 from shared.contracts import ArchiveRequested, ArchiveSource, Event, SnapshotReady
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
-from shared.loopback_sshd import free_port
 from shared.runtime import Service
 from shared.settings import Settings
 from tests.support.helpers import wait_for

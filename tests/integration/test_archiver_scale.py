@@ -15,6 +15,7 @@ import zstandard
 from kombu import Queue
 from sqlalchemy import select
 
+from services.archiver import SCHEMA as ARCHIVER_SCHEMA
 from services.archiver.handlers import HANDLERS
 from services.archiver.tables import archive_jobs, archive_requests
 from shared.bus import connect, declare_topology
@@ -130,7 +131,7 @@ def test_worker_killed_mid_archive_is_taken_over_and_leaves_no_partial_file(
            "FERRY_LEASE_SECONDS": "2", "FERRY_JOB_POLL_SECONDS": "0.2",
            "FERRY_OUTBOX_POLL_SECONDS": "0.1"}
     engine = make_engine(pg_url)
-    upgrade(engine, "archiver")  # the workers would too; the test reads the tables at once
+    upgrade(engine, ARCHIVER_SCHEMA)  # the workers would too; the test reads the tables at once
 
     def job() -> Any:
         with engine.connect() as db:

@@ -10,13 +10,14 @@ import pytest
 from kombu import Queue
 from sqlalchemy import func, insert, select
 
+from ferry.dlq import list_dead, replay_dead
 from shared.bus import Publisher, connect
-from shared.dlq import list_dead, replay_dead
 from shared.envelope import Envelope
+from shared.errors import PermanentError
 from shared.inbox_outbox import outbox_table
-from shared.runtime import Service
+from shared.runtime import Context, Service
 from shared.settings import Settings
-from shared.topology import DEAD_EXCHANGE, EVENTS_EXCHANGE
+from shared.topology import DEAD_EXCHANGE, EVENTS_EXCHANGE, QueueSpec
 from tests.conftest import Backbone
 from tests.support import echo
 from tests.support.helpers import wait_for
@@ -224,28 +225,25 @@ def test_event_for_a_datacenter_without_workers_waits_in_its_queue(running: Serv
         channel.close()
 
 
+def _hopeless(event: echo.Echo, ctx: Context[list[str]]) -> None:
+    if event.value == "hopeless":
+        raise PermanentError("never")
+    ctx.deps.append(f"handled {event.value}")
+
+
+def _flaky_hook(event: echo.Echo, ctx: Context[list[str]], error: BaseException) -> None:
+    ctx.deps.append("hook")
+    if ctx.deps.count("hook") == 1:
+        raise RuntimeError("the failure record's database is down")
+
+
 def test_consumer_survives_a_failing_failure_hook(backbone: Backbone) -> None:
-    from shared.errors import PermanentError
-    from shared.runtime import Service
-    from shared.topology import QueueSpec
-
     calls: list[str] = []
-
-    def hopeless(event: object, envelope: Envelope, *, uow: object) -> None:
-        if getattr(event, "value", "") == "hopeless":
-            raise PermanentError("never")
-        calls.append(f"handled {getattr(event, 'value', '')}")
-
-    def flaky_hook(event: object, envelope: Envelope, error: BaseException) -> None:
-        calls.append("hook")
-        if calls.count("hook") == 1:
-            raise RuntimeError("the failure record's database is down")
-
     settings = fast_settings(backbone.broker_url)
-    service = echo.build(settings, backbone.db_url, queue=f"echo-{uuid.uuid4().hex[:8]}")
-    custom = Service("echo", settings, service.engine, QueueSpec(service.queue.name,
-                                                                 ("test.echo",)),
-                     {echo.Echo.TYPE: hopeless}, on_failure=flaky_hook)
+    tables = echo.build(settings, backbone.db_url, queue=f"echo-{uuid.uuid4().hex[:8]}")
+    custom = Service("echo", settings, tables.units, QueueSpec(tables.queue.name,
+                                                               ("test.echo",)),
+                     {echo.Echo.TYPE: _hopeless}, deps=calls, on_failure=_flaky_hook)
     custom.start()
     try:
         # Given a message whose failure hook fails the first time
@@ -259,4 +257,4 @@ def test_consumer_survives_a_failing_failure_hook(backbone: Backbone) -> None:
         wait_for(lambda: "handled next" in calls, what="next message handled")
     finally:
         custom.stop()
-        service.engine.dispose()
+        custom.engine.dispose()

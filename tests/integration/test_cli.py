@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import insert
 
+from ferry.dlq import list_dead
 from shared.bus import connect
-from shared.dlq import list_dead
 from shared.topology import EVENTS_EXCHANGE, QueueSpec, dead_queue, work_queue
 from tests.integration.test_backbone import count, echo_envelope, fast_settings, publish
 from tests.support import echo
 from tests.support.helpers import wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import ROOT, ChildProcess, run_ferry
 
 
 def ferry(*args: str, broker_url: str, timeout: float = 60, **env: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "shared.cli_main", *args],
-                          env={**os.environ, "FERRY_BROKER_URL": broker_url,
-                               "COLUMNS": "250", **env},
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    done = run_ferry(*args, env={"FERRY_BROKER_URL": broker_url, "COLUMNS": "250", **env},
+                     timeout=timeout)
     assert done.returncode == 0, f"ferry {' '.join(args)} failed: {done.stdout}{done.stderr}"
     return done.stdout
 
@@ -54,8 +47,13 @@ def test_dlq_list_shows_dead_letters_without_consuming_and_replay_handles_them_o
         out = ferry("dlq", "replay", service.queue.name, "--id", str(envelope.id),
                     broker_url=rabbit_url)
         assert f"replayed {envelope.id}" in out
-        # Then it is handled once and nothing is dead any more
-        wait_for(lambda: count(service, echo.effects) == 1, what="replayed message handled")
+        # Then it is handled once (a sentinel after it on the queue is handled after it:
+        # one consumer, in order) and nothing is dead any more
+        sentinel = echo_envelope("sentinel")
+        publish(rabbit_url, sentinel)
+        wait_for(lambda: echo.handled(service.engine, sentinel), what="the sentinel handled")
+        assert echo.handled(service.engine, envelope)
+        assert count(service, echo.effects) == 2
         assert "0 dead letter(s)" in ferry("dlq", "list", service.queue.name,
                                            broker_url=rabbit_url)
     finally:
@@ -64,10 +62,8 @@ def test_dlq_list_shows_dead_letters_without_consuming_and_replay_handles_them_o
 
 
 def test_dlq_replay_of_an_unknown_id_fails_and_keeps_everything(rabbit_url: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "shared.cli_main", "dlq", "replay", "resolver",
-                           "--id", "no-such-id"], env={**os.environ,
-                                                       "FERRY_BROKER_URL": rabbit_url},
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = run_ferry("dlq", "replay", "resolver", "--id", "no-such-id",
+                     env={"FERRY_BROKER_URL": rabbit_url})
     assert done.returncode == 1 and "not found in resolver.dead: no-such-id" in done.stdout
 
 
@@ -89,35 +85,30 @@ def test_message_that_kills_its_consumer_is_dead_lettered_by_the_delivery_limit(
         for _ in range(3):
             message = wait_for(lambda: queue.get(no_ack=False), what="delivery")
             message.reject(requeue=True)  # type: ignore[attr-defined]
-        time.sleep(0.5)
         # Then the broker dead-letters it, and the listing says why
-        assert queue.get(no_ack=False) is None
+        letters: Any = wait_for(lambda: list_dead(rabbit_url, spec.name), what="the dead letter")
+        assert queue.queue_declare(passive=True).message_count == 0
         channel.close()
-    letters = list_dead(rabbit_url, spec.name)
     assert len(letters) == 1 and letters[0].reason == "delivery_limit"
     assert "delivery limit" in letters[0].error
 
 
-def test_ferry_run_starts_a_service_and_stops_cleanly_on_sigterm(rabbit_url: str,
-                                                                  tmp_path: Path) -> None:
+def test_ferry_run_starts_a_service_and_stops_cleanly_on_sigterm(
+    rabbit_url: str, tmp_path: Path, processes: list[ChildProcess],
+) -> None:
     # Given `ferry run resolver` on RabbitMQ with its own state dir
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli_main", "run", "resolver"],
-        env={**os.environ, "FERRY_BROKER_URL": rabbit_url, "FERRY_STATE_DIR": str(tmp_path),
-             "FERRY_INVENTORY": str(ROOT / "examples" / "inventory.yaml")},
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        # Then it upgrades its database and declares its queues
-        wait_for(lambda: (tmp_path / "resolver.sqlite3").exists(), what="resolver database")
-        with connect(rabbit_url) as connection:
-            channel = connection.channel()
-            wait_for(lambda: _queue_exists(channel, "resolver"), what="resolver queue")
-            channel.close()
-    finally:
-        # And SIGTERM stops it with exit status 0
-        os.kill(process.pid, signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
+    process = ChildProcess.ferry("run", "resolver", env={
+        "FERRY_BROKER_URL": rabbit_url, "FERRY_STATE_DIR": str(tmp_path),
+        "FERRY_INVENTORY": str(ROOT / "examples" / "inventory.yaml")})
+    processes.append(process)
+    # Then it upgrades its database and declares its queues
+    wait_for(lambda: (tmp_path / "resolver.sqlite3").exists(), what="resolver database")
+    with connect(rabbit_url) as connection:
+        channel = connection.channel()
+        wait_for(lambda: _queue_exists(channel, "resolver"), what="resolver queue")
+        channel.close()
+    # And SIGTERM stops it with exit status 0
+    assert process.stop() == 0, process.log()
 
 
 def _queue_exists(channel: object, name: str) -> bool:

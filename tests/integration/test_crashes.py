@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 from kombu import Queue
@@ -22,22 +20,15 @@ from tests.conftest import Backbone, rabbitmqctl
 from tests.integration.test_backbone import count, echo_envelope, fast_settings, publish
 from tests.support import echo
 from tests.support.helpers import wait_for
-from tests.support.processes import ChildProcess, children
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import ChildProcess
 
 
 def EchoProcess(broker_url: str, db_url: str, queue: str, **env: str) -> ChildProcess:  # noqa: N802
     """The echo service as a real subprocess, ended only by its own PID."""
-    return ChildProcess("tests.support.echo", "--db", db_url, "--queue", queue, ready="started",
+    return ChildProcess("tests.support.echo", "--db", db_url, "--queue", queue,
+                        ready="echo: started",
                         env={"FERRY_BROKER_URL": broker_url, "FERRY_OUTBOX_POLL_SECONDS": "0.1",
                              "FERRY_LEASE_SECONDS": "2", "FERRY_JOB_POLL_SECONDS": "0.1", **env})
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ChildProcess]]:
-    with children() as started:
-        yield started
 
 
 def test_event_committed_but_not_published_is_published_after_restart(
@@ -66,9 +57,17 @@ def test_event_committed_but_not_published_is_published_after_restart(
         with engine.connect() as db:
             expected = db.execute(select(outbox_table.c.message_id)).scalar_one()
         assert body["id"] == expected and body["payload"] == {"value": "crash-window"}
-        time.sleep(1.0)
-        assert watch.get(no_ack=True) is None
-        assert _count(engine, echo.effects) == 1
+        # And nothing else: a sentinel handled after it comes out next. The relay publishes
+        # in outbox order, so a second copy of the first event would have come before it.
+        sentinel = echo_envelope("sentinel")
+        publish(rabbit_url, sentinel)
+        after: list[dict[str, object]] = []
+        wait_for(lambda: _collect(watch, after) and after[-1]["payload"] == {"value": "sentinel"},
+                 what="the sentinel's event")
+        assert [e["payload"] for e in after] == [{"value": "sentinel"}]
+        assert _count(engine, echo.effects) == 2
+        wait_for(lambda: _count(engine, outbox_table, outbox_table.c.published_at.is_(None))
+                 == 0, what="both outbox rows marked published")
         channel.close()
     engine.dispose()
 
@@ -134,9 +133,9 @@ def test_worker_that_lost_its_lease_can_write_nothing(backbone: Backbone) -> Non
     # Given worker A's lease expired and worker B took the job over
     assert short.claim("worker-a") is not None
     assert Leases(engine, echo.jobs, lease_seconds=30).claim("worker-b") is None
-    time.sleep(0.3)
-    taken = Leases(engine, echo.jobs, lease_seconds=30).claim("worker-b")
-    assert taken is not None and taken.attempts == 2
+    taken: Any = wait_for(lambda: Leases(engine, echo.jobs, lease_seconds=30).claim("worker-b"),
+                          timeout=10, what="worker A's lease to expire")
+    assert taken.attempts == 2
     # When A tries to heartbeat or finish, then it is refused and nothing changes
     with pytest.raises(LeaseLostError):
         short.heartbeat("job-2", "worker-a", bytes_done=99)
@@ -146,6 +145,15 @@ def test_worker_that_lost_its_lease_can_write_nothing(backbone: Backbone) -> Non
     assert after.state == "running" and after.bytes_done == 0  # type: ignore[attr-defined]
     assert after.lease_owner == "worker-b"  # type: ignore[attr-defined]
     engine.dispose()
+
+
+def _collect(watch: Any, into: list[dict[str, object]]) -> bool:
+    """Move what the watch queue holds into `into`; True when there was anything."""
+    got = False
+    while (message := watch.get(no_ack=True)) is not None:
+        into.append(json.loads(message.body))
+        got = True
+    return got or bool(into)
 
 
 def _job(engine: object) -> object:

@@ -29,8 +29,9 @@ def test_service_schema_upgrades_and_matches_its_tables(
     url = make_pg_database() if database == "postgres" else f"sqlite:///{tmp_path}/s.sqlite3"
     engine = make_engine(url)
     # When the schema is upgraded twice (the second is a no-op)
-    upgrade(engine, service)
-    upgrade(engine, service)
+    schema = importlib.import_module(f"services.{service}").SCHEMA
+    upgrade(engine, schema)
+    upgrade(engine, schema)
     # Then its own version table exists and the tables equal what the code declares
     tables = set(inspect(engine).get_table_names())
     assert f"alembic_version_{service}" in tables and {"inbox", "outbox"} <= tables
@@ -46,7 +47,7 @@ def test_service_schema_upgrades_and_matches_its_tables(
 
 def test_ferry_db_upgrade_creates_every_service_database(tmp_path: Path) -> None:
     env = {**os.environ, "FERRY_STATE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "shared.cli_main", "db", "upgrade"], env=env,
+    done = subprocess.run([sys.executable, "-m", "ferry", "db", "upgrade"], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     for service in SERVICES:

@@ -23,6 +23,7 @@ from shared.errors import (
 )
 from shared.hosts import Host, HostPool, LocalExecutor
 from shared.ssh import HostAuthenticationError, SSHHost
+from tests.support.helpers import wait_for
 from tests.support.sshd import SshServer, free_port, generate_key
 
 STREAM_BYTES = 300 << 20
@@ -232,16 +233,17 @@ def test_server_vanishing_mid_command_is_unreachable_then_reconnects(
     server: SshServer, ssh_host: SSHHost
 ) -> None:
     outcome: list[BaseException] = []
+    marker = f"20.{secrets.randbelow(10**6)}"  # a unique sleep, to see it running
 
     def run_long() -> None:
         try:
-            ssh_host.run(["sleep", "20"])
+            ssh_host.run(["sleep", marker])
         except BaseException as exc:  # noqa: BLE001 (the assertion looks at it)
             outcome.append(exc)
 
     runner = threading.Thread(target=run_long)
     runner.start()
-    time.sleep(0.5)
+    wait_for(lambda: running(f"sleep {marker}"), what="the command running on the server")
     server.drop_connections()
     runner.join(timeout=5)
 

@@ -24,7 +24,7 @@ from services.intake.submissions import IdempotencyConflictError, accept_documen
 from services.intake.tables import idempotency_keys, migrations
 from shared.document import validate_document
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork, outbox_table
+from shared.inbox_outbox import Units, outbox_table
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +141,7 @@ def test_concurrent_submissions_with_one_key_create_one_migration(intake: Intake
     def submit() -> None:
         start.wait()
         try:
-            ids.append(accept_document(EXAMPLE_BODY, document, uow=UnitOfWork(intake.engine),
+            ids.append(accept_document(EXAMPLE_BODY, document, uow=Units(intake.engine)(),
                                        idempotency_key="race-1"))
         except BaseException as error:  # noqa: BLE001 - collected and asserted below
             failures.append(error)
@@ -155,7 +155,7 @@ def test_concurrent_submissions_with_one_key_create_one_migration(intake: Intake
     assert failures == [] and len(ids) == 8 and len(set(ids)) == 1
     assert (intake.count(migrations), intake.count(outbox_table)) == (1, 1)
     with pytest.raises(IdempotencyConflictError, match="race-1"):
-        accept_document(EXAMPLE_BODY + b"\n", document, uow=UnitOfWork(intake.engine),
+        accept_document(EXAMPLE_BODY + b"\n", document, uow=Units(intake.engine)(),
                         idempotency_key="race-1")
 
 

@@ -4,14 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,9 +16,9 @@ import pytest
 from kombu import Queue
 from typer.testing import CliRunner
 
+from ferry.cli import app as ferry
 from services.intake.bootstrap import bootstrap
 from shared.bus import Publisher, connect
-from shared.cli import app as ferry
 from shared.contracts import (
     ArchiveCompleted,
     ArchiveProgress,
@@ -38,8 +33,8 @@ from shared.settings import Settings
 from shared.topology import EVENTS_EXCHANGE
 from tests.integration.test_intake_api import EXAMPLE, EXAMPLE_BODY, TOKEN
 from tests.support.helpers import wait_for
+from tests.support.processes import ROOT, ChildProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_FILE = ROOT / "examples" / "migration.json"
 SOURCE = ArchiveSource(host="ey04-s50000", path="/data", label="ey04-e00075:/data")
 
@@ -78,53 +73,29 @@ def publish(broker_url: str, envelopes: list[Envelope]) -> None:
         publisher.close()
 
 
-class IntakeProcess:
-    """`ferry run intake` in its own process, ended only through its own PID."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli_main", "run", "intake"], cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=sink,
-                stderr=subprocess.STDOUT)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        return int(self.process.returncode)
-
-
 @pytest.fixture
-def served(rabbit_url: str, pg_url: str, tmp_path: Path) -> Iterator[tuple[str, str,
-                                                                          IntakeProcess]]:
+def served(rabbit_url: str, pg_url: str, tmp_path: Path,
+           processes: list[ChildProcess]) -> tuple[str, str, ChildProcess]:
+    """`ferry run intake` in its own process, its API answering."""
     url = f"http://127.0.0.1:{free_port()}"
-    process = IntakeProcess({
-        "FERRY_BROKER_URL": rabbit_url, "FERRY_INTAKE_DATABASE_URL": pg_url,
-        "FERRY_INTAKE_BIND": url.removeprefix("http://"), "FERRY_API_TOKEN": TOKEN,
-        "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_STATE_DIR": str(tmp_path / "state"),
-    }, tmp_path / "intake.log")
 
     def healthy() -> bool:
-        if process.process.poll() is not None:
-            raise AssertionError(f"ferry run intake exited: {process.log.read_text()}")
         try:
             return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
-    wait_for(healthy, timeout=60, what="intake's API to answer")
-    yield url, rabbit_url, process
-    process.stop()
+    process = ChildProcess.ferry("run", "intake", env={
+        "FERRY_BROKER_URL": rabbit_url, "FERRY_INTAKE_DATABASE_URL": pg_url,
+        "FERRY_INTAKE_BIND": url.removeprefix("http://"), "FERRY_API_TOKEN": TOKEN,
+        "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_STATE_DIR": str(tmp_path / "state"),
+    }, log=tmp_path / "intake.log", ready=healthy)
+    processes.append(process)
+    return url, rabbit_url, process
 
 
 def test_ferry_run_intake_serves_the_api_and_announces_submissions(
-        served: tuple[str, str, IntakeProcess]) -> None:
+        served: tuple[str, str, ChildProcess], processes: list[ChildProcess]) -> None:
     url, broker, process = served
     auth = {"Authorization": f"Bearer {TOKEN}"}
     # Given a queue watching ferry.events for submissions
@@ -169,24 +140,17 @@ def test_ferry_run_intake_serves_the_api_and_announces_submissions(
     assert shown.exit_code == 0, shown.output
     assert "completed" in shown.output and "ey04-e00075:/data" in shown.output
     # And `ferry submit --wait` follows a new submission until it completes
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli_main", "submit", str(EXAMPLE_FILE), "--wait",
-         "--url", url, "--token", TOKEN], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        newest: Any = wait_for(lambda: [m["id"] for m in httpx.get(
-            f"{url}/migrations", headers=auth).json()["migrations"] if m["id"] != migration_id],
-            what="the second submission")
-        publish(broker, life_of(newest[0]))
-        output, _ = waiting.communicate(timeout=60)
-    finally:
-        if waiting.poll() is None:
-            os.kill(waiting.pid, signal.SIGKILL)
-            waiting.wait(timeout=10)
-    assert waiting.returncode == 0, output
-    assert f"accepted {newest[0]}" in output and "completed" in output
+    waiting = ChildProcess.ferry("submit", str(EXAMPLE_FILE), "--wait", "--url", url,
+                                 "--token", TOKEN, env={})
+    processes.append(waiting)
+    newest: Any = wait_for(lambda: [m["id"] for m in httpx.get(
+        f"{url}/migrations", headers=auth).json()["migrations"] if m["id"] != migration_id],
+        what="the second submission")
+    publish(broker, life_of(newest[0]))
+    assert waiting.wait(timeout=60) == 0, waiting.log()
+    assert f"accepted {newest[0]}" in waiting.log() and "completed" in waiting.log()
     # And SIGTERM stops the service cleanly, its port closed
-    assert process.stop() == 0, process.log.read_text()
+    assert process.stop() == 0, process.log()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/healthz", timeout=2)
 

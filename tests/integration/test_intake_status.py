@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from services.intake.handlers import HANDLERS
 from services.intake.tables import migration_events
+from shared import runtime
 from shared.contracts import (
     ArchiveCompleted,
     ArchiveFailed,
@@ -32,7 +33,7 @@ from shared.contracts import (
 )
 from shared.document import document_json_schema
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork, inbox_table
+from shared.inbox_outbox import Units, inbox_table
 from tests.integration.test_intake_api import AUTH, EXAMPLE_BODY, Intake, open_intake
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -59,10 +60,11 @@ def at(seconds: float, event: Event, migration_id: str) -> Envelope:
                     payload=event.model_dump(mode="json"))
 
 
-def deliver(intake: Intake, *envelopes: Envelope) -> None:
-    """What the consumer does with each message: the registered handler, a fresh unit of work."""
-    for envelope in envelopes:
-        HANDLERS[envelope.type](envelope.event(), envelope, uow=UnitOfWork(intake.engine))
+def deliver(intake: Intake, *envelopes: Envelope) -> list[bool]:
+    """What the consumer does with each message: the registered handler, through the
+    runtime; False for each message the inbox had seen."""
+    units = Units(intake.engine)
+    return [runtime.deliver(HANDLERS[e.type], e.event(), e, units) for e in envelopes]
 
 
 def status(intake: Intake, migration_id: str) -> dict[str, Any]:
@@ -193,13 +195,13 @@ def test_duplicate_delivery_changes_nothing(intake: Intake) -> None:
     # Given a migration whose whole story was handled
     migration_id = intake.post(EXAMPLE_BODY).json()["id"]
     story = migration_story(migration_id)
-    deliver(intake, *story)
+    assert all(deliver(intake, *story))
     before = status(intake, migration_id)
     with intake.engine.connect() as connection:
         counted = [connection.execute(select(func.count()).select_from(t)).scalar_one()
                    for t in (migration_events, inbox_table)]
     # When the broker delivers every message again, in reverse order
-    deliver(intake, *reversed(story))
+    assert deliver(intake, *reversed(story)) == [False] * len(story)
     # Then the view, the history and the inbox are exactly as they were
     assert status(intake, migration_id) == before
     with intake.engine.connect() as connection:

@@ -6,7 +6,6 @@ Also holds the helpers the other resolver integration tests share (a watch queue
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from services.resolver.tables import internal_ips, names, public_ips, vlans
 from shared.bus import Publisher, connect
 from shared.contracts import MigrationSubmitted
 from shared.envelope import Envelope
+from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
 from shared.settings import Settings
 from shared.topology import EVENTS_EXCHANGE
@@ -81,6 +81,12 @@ def held_by(service_engine: Any, migration_id: str) -> int:
         return sum(int(connection.execute(select(func.count()).select_from(table)
                                           .where(table.c.migration_id == migration_id))
                        .scalar_one()) for table in (names, public_ips, vlans, internal_ips))
+
+
+def outbox_rows(service_engine: Any) -> int:
+    with service_engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(outbox_table))
+                   .scalar_one())
 
 
 def resolver_settings(broker_url: str, db_url: str, state_dir: Path, **extra: Any) -> Settings:
@@ -149,19 +155,25 @@ def test_redelivery_has_one_effect_and_replay_yields_the_same_allocations(
     envelope = submitted(example_document("cust-7"), "m-again")
     publish_all(broker, [envelope])
     first = watch.wait("migration.resolved", 1)[0]
+    emitted = outbox_rows(service.engine)
     # When the same message is delivered again
     publish_all(broker, [envelope])
     assert service.consumer is not None
     wait_for(lambda: service.consumer.handled == 2,  # type: ignore[union-attr]
              what="redelivery handled")
-    time.sleep(0.5)
-    # Then nothing new is emitted or allocated
-    assert len(watch.of("migration.resolved")) == 1
+    # Then nothing new is emitted (the handler's transaction commits before the ack that
+    # counts it as handled) or allocated
+    assert outbox_rows(service.engine) == emitted
     assert held_by(service.engine, "m-again") == 16
     # When the migration is submitted again as a new message (a replay)
-    publish_all(broker, [submitted(example_document("cust-7"), "m-again")])
-    second = watch.wait("migration.resolved", 2)[1]
-    # Then it resolves to the very same allocations, and still holds only those
+    replay = submitted(example_document("cust-7"), "m-again")
+    publish_all(broker, [replay])
+    watch.wait("migration.resolved", 2)
+    # Then it resolves to the very same allocations, and still holds only those; the
+    # outbox is published in order, so a copy caused by the redelivery would be the second
+    first_again, second = watch.of("migration.resolved")
+    assert [first_again["causation_id"], second["causation_id"]] == [str(envelope.id),
+                                                                      str(replay.id)]
     assert second["id"] != first["id"]
     assert second["payload"] == first["payload"]
     assert held_by(service.engine, "m-again") == 16

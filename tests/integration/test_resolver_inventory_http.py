@@ -3,6 +3,7 @@ documented API (docs/inventory-api.md) over examples/inventory.yaml."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -38,6 +39,7 @@ from tests.integration.test_resolver_backbone import (
     resolver_settings,
     submitted,
 )
+from tests.support.helpers import wait_for
 from tests.unit.resolver.documents import INVENTORY, example_document
 
 COLLECTIONS = {"datacenters": "datacenters", "xen-hosts": "xen_hosts", "vms": "vms",
@@ -92,10 +94,8 @@ class InventoryServer:
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self.socket]}, daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline, "inventory server did not start"
-            time.sleep(0.02)
+        server = self._server
+        wait_for(lambda: server.started, timeout=10, what="the inventory server to start")
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
@@ -170,7 +170,10 @@ def test_answer_that_breaks_the_schema_or_refuses_us_is_permanent(server: Invent
         HttpInventory(server.url, timeout=0.5, token="wrong").lookup(Vm, "ey04-s50000")
 
 
-def test_resolver_retries_an_unreachable_inventory_then_resolves(tmp_path: Path) -> None:
+def test_resolver_retries_an_unreachable_inventory_then_resolves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shared.bus")
     # Given a resolver whose HTTP inventory is not up yet (embedded broker and database)
     inventory = InventoryServer()
     settings = resolver_settings("memory://", f"sqlite:///{tmp_path}/resolver.sqlite3", tmp_path,
@@ -182,7 +185,8 @@ def test_resolver_retries_an_unreachable_inventory_then_resolves(tmp_path: Path)
     try:
         # When a migration arrives, fails to reach the inventory, and the inventory comes up
         publish_all("memory://", [submitted(example_document(), "m-http")])
-        time.sleep(1.0)
+        wait_for(lambda: any("attempt 2 failed, retrying" in r.getMessage()
+                             for r in caplog.records), what="two failed attempts")
         assert watch.of("migration.resolved") == [] and watch.of("migration.failed") == []
         inventory.start()
         # Then a retry resolves it, with the jobs the inventory describes

@@ -3,12 +3,7 @@ and an exhausted pool fails only the migration that ran out."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +11,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from services.resolver.bootstrap import NAME
-from services.resolver.handlers import HANDLERS
-from shared.bus import declare_topology
-from shared.runtime import routing_keys
+from services.resolver.handlers import HANDLERS, fail_migration, resolve_migration
+from shared.bus import connect, declare_topology
+from shared.runtime import handler_name, routing_keys
 from shared.topology import QueueSpec
 from tests.integration.test_resolver_backbone import (
     Watch,
@@ -27,61 +22,35 @@ from tests.integration.test_resolver_backbone import (
     resolver_settings,
     submitted,
 )
+from tests.support.helpers import wait_for
+from tests.support.processes import ChildProcess
 from tests.unit.resolver.documents import INVENTORY, example_document
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class ResolverProcess:
-    """`python -m services.resolver` as a real process, ended only by its own PID."""
-
-    def __init__(self, broker_url: str, db_url: str, log: Path, **env: str) -> None:
-        environment = {**os.environ, "FERRY_BROKER_URL": broker_url,
-                       "FERRY_RESOLVER_DATABASE_URL": db_url, "FERRY_INVENTORY": str(INVENTORY),
-                       "FERRY_STATE_DIR": str(log.parent), "FERRY_OUTBOX_POLL_SECONDS": "0.1",
-                       "FERRY_RETRY_DELAYS": "0.2,0.5", "PYTHONPATH": str(ROOT), **env}
-        self.log = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "services.resolver"],
-                                            env=environment, cwd=ROOT, stdout=out,
-                                            stderr=subprocess.STDOUT)
-
-    def started(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"resolver exited {self.process.returncode}: "
-                                 f"{self.log.read_text()[-3000:]}")
-        return "resolver: started" in self.log.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+StartResolvers = Callable[..., list[ChildProcess]]
 
 
 @pytest.fixture
-def start_resolvers(tmp_path: Path) -> Iterator[Callable[..., list[ResolverProcess]]]:
-    started: list[ResolverProcess] = []
+def start_resolvers(tmp_path: Path, processes: list[ChildProcess]) -> StartResolvers:
+    """Starts `count` resolver processes (`python -m services.resolver`) and waits until
+    each said it started; the `processes` fixture ends them."""
 
-    def start(count: int, broker_url: str, db_url: str, **env: str) -> list[ResolverProcess]:
+    def start(count: int, broker_url: str, db_url: str, **env: str) -> list[ChildProcess]:
         # The queue exists before anything is published, so nothing is routed nowhere.
         declare_topology(broker_url, QueueSpec(NAME, routing_keys(HANDLERS)),
                          resolver_settings(broker_url, db_url, tmp_path))
-        batch = [ResolverProcess(broker_url, db_url, tmp_path / f"resolver-{len(started) + n}.log",
-                                 **env) for n in range(count)]
-        started.extend(batch)
-        deadline = time.monotonic() + 60
-        while not all(p.started() for p in batch):
-            assert time.monotonic() < deadline, "resolvers did not start within 60 s"
-            time.sleep(0.1)
+        environment = {"FERRY_BROKER_URL": broker_url, "FERRY_RESOLVER_DATABASE_URL": db_url,
+                       "FERRY_INVENTORY": str(INVENTORY), "FERRY_STATE_DIR": str(tmp_path),
+                       "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_RETRY_DELAYS": "0.2,0.5",
+                       **env}
+        batch = [ChildProcess("services.resolver", env=environment,
+                              log=tmp_path / f"resolver-{len(processes) + n}.log")
+                 for n in range(count)]
+        processes.extend(batch)
+        for process in batch:  # started together, waited for one after the other
+            process.wait_ready("resolver: started")
         return batch
 
-    yield start
-    for process in started:
-        process.stop()
+    return start
 
 
 def rows(db_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
@@ -92,8 +61,26 @@ def rows(db_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
     return found
 
 
+def settled(broker_url: str, db_url: str, messages: int) -> None:
+    """Wait until the resolvers handled `messages` messages (each commits its inbox row
+    before the ack) and published everything they emitted (marked only once the broker
+    confirmed it); then check nothing waits in their queue and no failure hook ran. After
+    this, every event there will be is in a watch queue."""
+    resolve, fail = handler_name(resolve_migration), handler_name(fail_migration)
+    wait_for(lambda: rows(db_url, "SELECT count(*) FROM inbox WHERE handler = :h",
+                          h=resolve) == [(messages,)], timeout=60, what="every message handled")
+    wait_for(lambda: rows(db_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL")
+             == [(0,)], timeout=60, what="the outbox published")
+    assert rows(db_url, "SELECT count(*) FROM inbox WHERE handler = :h", h=fail) == [(0,)]
+    with connect(broker_url) as connection:
+        channel = connection.channel()
+        declared = channel.queue_declare(NAME, passive=True)
+        channel.close()
+    assert declared.message_count == 0, declared
+
+
 def test_forty_migrations_on_three_processes_allocate_nothing_twice(
-    rabbit_url: str, pg_url: str, start_resolvers: Callable[..., list[ResolverProcess]],
+    rabbit_url: str, pg_url: str, start_resolvers: StartResolvers,
 ) -> None:
     # Given 3 resolver processes on one database, and 30 customers, 10 of them migrating twice
     start_resolvers(3, rabbit_url, pg_url)
@@ -107,7 +94,8 @@ def test_forty_migrations_on_three_processes_allocate_nothing_twice(
     resolved = {e["migration_id"]: e["payload"]
                 for e in watch.wait("migration.resolved", 40, timeout=120)}
     assert sorted(resolved) == [f"m-{n:02d}" for n in range(40)]
-    assert watch.of("migration.failed") == []
+    settled(rabbit_url, pg_url, 40)
+    assert watch.of("migration.failed") == [] and len(watch.of("migration.resolved")) == 40
     # And over the tables: no name, number, public IP, VLAN or internal IP taken twice
     for sql in (
         "SELECT name FROM names GROUP BY name HAVING count(*) > 1",
@@ -148,7 +136,7 @@ def test_forty_migrations_on_three_processes_allocate_nothing_twice(
 
 
 def test_pool_exhausted_mid_way_fails_that_migration_only_holding_nothing(
-    rabbit_url: str, pg_url: str, start_resolvers: Callable[..., list[ResolverProcess]],
+    rabbit_url: str, pg_url: str, start_resolvers: StartResolvers,
 ) -> None:
     # Given ten public IPs, 20 migrations needing none and 4 needing 3 each, on 3 processes
     start_resolvers(3, rabbit_url, pg_url,
@@ -165,7 +153,8 @@ def test_pool_exhausted_mid_way_fails_that_migration_only_holding_nothing(
     # Then exactly one of the big ones fails, naming the pool and what was missing
     failed = watch.wait("migration.failed", 1, timeout=120)
     resolved = watch.wait("migration.resolved", 23, timeout=120)
-    time.sleep(0.5)
+    # And nothing more comes: every message was handled once, all it emitted is published
+    settled(rabbit_url, pg_url, len(envelopes))
     assert len(watch.of("migration.failed")) == 1 and len(watch.of("migration.resolved")) == 23
     loser = failed[0]["migration_id"]
     assert loser in big

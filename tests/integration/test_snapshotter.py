@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select
 
-from services.snapshotter.bootstrap import SnapshotterService, bootstrap
+from services.snapshotter.bootstrap import bootstrap
 from services.snapshotter.jobs import SnapshotWork
 from services.snapshotter.tables import snapshot_jobs
 from shared.addresses import host_pool
 from shared.contracts import ArchiveSource, SnapshotRequested
-from shared.jobs import Lease, Leases, new_job_values
+from shared.jobs import Lease, Leases, RetryIn, new_job_values
+from shared.runtime import Service
 from shared.settings import Settings
 from tests.conftest import Backbone
 from tests.lab.flow import completed, job, publish, wait_event
@@ -30,7 +31,7 @@ def settings_for(backbone: Backbone, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def service(backbone: Backbone, tmp_path: Path) -> Iterator[SnapshotterService]:
+def service(backbone: Backbone, tmp_path: Path) -> Iterator[Service]:
     running = bootstrap(settings_for(backbone, tmp_path))
     running.start()
     yield running
@@ -47,7 +48,7 @@ def request(**values: object) -> SnapshotRequested:
 
 
 def test_driver_none_goes_ready_then_released_after_the_archive(
-        service: SnapshotterService) -> None:
+        service: Service) -> None:
     # Given a request with driver none
     event = request()
     publish(service, event)
@@ -62,7 +63,7 @@ def test_driver_none_goes_ready_then_released_after_the_archive(
 
 
 def test_a_request_for_a_bad_device_fails_at_once_with_the_reason(
-        service: SnapshotterService) -> None:
+        service: Service) -> None:
     event = request(driver="dm", device="-rf /")
     publish(service, event)
     failed = wait_event(service, "snapshot.failed", event.request_id, timeout=30)
@@ -82,7 +83,7 @@ def test_per_host_limit_admits_one_snapshot_at_a_time(backbone: Backbone,
                 f"00000000000{index}", "m", "snapshot", event.model_dump(mode="json"),
                 request_id=event.request_id, xen_host="xen9", datacenter="ey04", driver="dm",
                 phase="waiting", admitted=False, cow_attempt=0, next_run_at=time.time() + 60)))
-    work = SnapshotWork(service.settings, service.engine, host_pool(service.settings))
+    work = SnapshotWork(service.settings, service.units, host_pool(service.settings))
     claimed = []
     for index in range(2):
         with service.engine.begin() as connection:
@@ -90,11 +91,20 @@ def test_per_host_limit_admits_one_snapshot_at_a_time(backbone: Backbone,
                 snapshot_jobs.c.id == f"00000000000{index}").values(next_run_at=0))
         row = leases.claim(f"w{index}", snapshot_jobs.c.xen_host == "xen9")
         assert row is not None
-        claimed.append(Lease(leases, row, f"w{index}"))
+        claimed.append(Lease(leases, row, f"w{index}", service.units))
     # When both ask for a slot, Then only the first gets it
     assert [work._admit(lease)[0] for lease in claimed] == [True, False]
     with service.engine.connect() as connection:
         admitted = connection.execute(select(snapshot_jobs.c.id).where(
             snapshot_jobs.c.admitted.is_(True))).scalars().all()
     assert admitted == ["000000000000"]
+    # ... and the second waits for the slot without spending an attempt
+    waiting = work.run(claimed[1])
+    assert isinstance(waiting, RetryIn) and not waiting.counts_as_attempt
+    service.workers[0].settle(claimed[1], waiting)
+    with service.engine.connect() as connection:
+        row = connection.execute(select(snapshot_jobs).where(
+            snapshot_jobs.c.id == "000000000001")).one()
+    assert (row.state, row.attempts, row.phase) == ("pending", 0, "waiting")
+    assert "waiting for a slot on xen9: 1 of 1" in row.error
     service.engine.dispose()

@@ -19,7 +19,13 @@ from sqlalchemy import select
 from services.transfer.bootstrap import bootstrap
 from services.transfer.commands import requeue_transfers
 from services.transfer.tables import transfer_attempts, transfers
-from shared.contracts import ArchiveCompleted, ArchiveSource, MigrationResolved, PlannedJob
+from shared.contracts import (
+    ArchiveCompleted,
+    ArchiveSource,
+    Event,
+    MigrationResolved,
+    PlannedJob,
+)
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
@@ -68,20 +74,24 @@ class Migration:
         self.broker_url = broker_url
         self.id = migration_id or f"m-{uuid.uuid4().hex[:12]}"
 
-    def resolve(self, *request_ids: str) -> None:
+    def resolve(self, *request_ids: str) -> Envelope:
         jobs = tuple(PlannedJob(request_id=r, kind="shared_fs", datacenter="ey04", reuse_key=r,
                                 source=ArchiveSource(host="local")) for r in request_ids)
-        publish(self.broker_url, Envelope.wrap(MigrationResolved(
-            customer_id="c", allocations={}, resolved_document={}, jobs=jobs),
-            migration_id=self.id))
+        return self._publish(MigrationResolved(
+            customer_id="c", allocations={}, resolved_document={}, jobs=jobs))
 
-    def archive(self, request_id: str, archive_id: str, path: Path, sha256: str) -> None:
+    def archive(self, request_id: str, archive_id: str, path: Path, sha256: str) -> Envelope:
         now = datetime.now(UTC)
-        publish(self.broker_url, Envelope.wrap(ArchiveCompleted(
+        return self._publish(ArchiveCompleted(
             datacenter="ey04", request_id=request_id, archive_id=archive_id, kind="shared_fs",
             reuse_key=archive_id, path=str(path), file_name=path.name,
             raw_bytes=path.stat().st_size, compressed_bytes=path.stat().st_size, sha256=sha256,
-            started_at=now, finished_at=now), migration_id=self.id))
+            started_at=now, finished_at=now))
+
+    def _publish(self, event: Event) -> Envelope:
+        envelope = Envelope.wrap(event, migration_id=self.id)
+        publish(self.broker_url, envelope)
+        return envelope
 
 
 @pytest.fixture

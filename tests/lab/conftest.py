@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from services.snapshotter.bootstrap import SnapshotterService, bootstrap
+from services.snapshotter.bootstrap import bootstrap
 from services.snapshotter.drivers import StepHook
+from shared.runtime import Service
 from shared.settings import Settings
 from tests.lab.guest import Guest
 from tests.lab.vm import LabVM
@@ -56,9 +57,9 @@ def lab_settings(vm: LabVM, tmp: Path, **overrides: object) -> Settings:
 @pytest.fixture
 def make_snapshotter(lab: Guest, tmp_path: Path) -> Iterator[object]:
     """Start the snapshotter service against the lab, with settings overrides."""
-    started: list[SnapshotterService] = []
+    started: list[Service] = []
 
-    def make(on_step: StepHook | None = None, **overrides: object) -> SnapshotterService:
+    def make(on_step: StepHook | None = None, **overrides: object) -> Service:
         settings = lab_settings(lab.vm, tmp_path, **overrides)
         service = bootstrap(settings, on_step=on_step)
         service.start()

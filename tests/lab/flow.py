@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from services.snapshotter.bootstrap import SnapshotterService
 from services.snapshotter.tables import snapshot_jobs
+from shared.addresses import host_pool
 from shared.bus import Publisher
 from shared.contracts import (
     ArchiveCompleted,
@@ -31,9 +31,10 @@ from shared.contracts import (
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
 from shared.nbd import attach_export
+from shared.runtime import Service
 
 
-def publish(service: SnapshotterService, event: Event) -> None:
+def publish(service: Service, event: Event) -> None:
     publisher = Publisher(service.settings.broker_url)
     try:
         envelope = Envelope.wrap(event, migration_id="m-lab")
@@ -42,7 +43,7 @@ def publish(service: SnapshotterService, event: Event) -> None:
         publisher.close()
 
 
-def request(service: SnapshotterService, host: str, device: str) -> str:
+def request(service: Service, host: str, device: str) -> str:
     request_id = f"r-{uuid.uuid4().hex[:8]}"
     publish(service, SnapshotRequested(
         request_id=request_id, datacenter="lab", xen_host=host, device=device, size_bytes=0,
@@ -51,7 +52,7 @@ def request(service: SnapshotterService, host: str, device: str) -> str:
     return request_id
 
 
-def events(service: SnapshotterService, event_type: str, request_id: str) -> list[Any]:
+def events(service: Service, event_type: str, request_id: str) -> list[Any]:
     with service.engine.connect() as connection:
         bodies = connection.execute(select(outbox_table.c.body).where(
             outbox_table.c.routing_key.startswith(event_type)).order_by(outbox_table.c.seq))
@@ -59,14 +60,14 @@ def events(service: SnapshotterService, event_type: str, request_id: str) -> lis
     return [e for e in found if getattr(e, "request_id", None) == request_id]
 
 
-def wait_event(service: SnapshotterService, event_type: str, request_id: str, count: int = 1,
+def wait_event(service: Service, event_type: str, request_id: str, count: int = 1,
                timeout: float = 90) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        state = job(service, request_id)  # read first: a failed job's events are in by then
         found = events(service, event_type, request_id)
         if len(found) >= count:
             return found[count - 1]
-        state = job(service, request_id)
         if state is not None and state.state == "failed":
             break
         time.sleep(0.2)
@@ -74,19 +75,23 @@ def wait_event(service: SnapshotterService, event_type: str, request_id: str, co
                          f"{job(service, request_id)}")
 
 
-def job(service: SnapshotterService, request_id: str) -> Any:
+def job(service: Service, request_id: str) -> Any:
     with service.engine.connect() as connection:
         return connection.execute(select(snapshot_jobs).where(
             snapshot_jobs.c.request_id == request_id)).first()
 
 
-def archive(service: SnapshotterService, ready: SnapshotReady, run_dir: Path) -> dict[str, str]:
+def archive(service: Service, ready: SnapshotReady, run_dir: Path) -> dict[str, str]:
     """Read the snapshot through nbd over the SSH tunnel; {path in the archive: sha256}."""
-    assert service.work is not None and ready.port is not None
-    tunnel_host = service.work.hosts.get(ready.host)
-    with attach_export(tunnel_host, ready.export_name, ready.port, run_dir=run_dir) as mounted:
-        tar = subprocess.run(["tar", "--sort=name", "--numeric-owner", "-C", str(mounted),
-                              "-cf", "-", "."], capture_output=True, check=True, timeout=300)
+    assert ready.port is not None
+    hosts = host_pool(service.settings)
+    try:
+        with attach_export(hosts.get(ready.host), ready.export_name, ready.port,
+                           run_dir=run_dir) as mounted:
+            tar = subprocess.run(["tar", "--sort=name", "--numeric-owner", "-C", str(mounted),
+                                  "-cf", "-", "."], capture_output=True, check=True, timeout=300)
+    finally:
+        hosts.close_all()
     return tar_hashes(tar.stdout)
 
 

@@ -125,7 +125,7 @@ def _inputs() -> tuple[str, list[str], list[str], str]:
     image, version = kernel()
     missing = [b for b in (*BINARIES, "/bin/busybox") if not Path(b).exists()]
     if missing:
-        raise LabBuildError(f"missing {', '.join(missing)}: run scripts/setup.sh (as root)")
+        raise LabBuildError(f"missing {', '.join(missing)}: run scripts/setup.sh --test (as root)")
     files = sorted({*BINARIES, "/bin/busybox", *(lib for b in BINARIES for lib in _libraries(b))})
     modules = _module_order(version)
     digest = hashlib.sha256(f"{BUILDER_VERSION}\n{INIT}\n{SSHD_CONFIG}\n{image}".encode())

@@ -19,7 +19,6 @@ import zstandard
 from sqlalchemy import select
 
 from services.archiver.bootstrap import bootstrap as bootstrap_archiver
-from services.snapshotter.bootstrap import SnapshotterService
 from services.snapshotter.bootstrap import bootstrap as bootstrap_snapshotter
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def services(lab: Guest, tmp_path: Path) -> Iterator[tuple[SnapshotterService, Service]]:
+def services(lab: Guest, tmp_path: Path) -> Iterator[tuple[Service, Service]]:
     """The real snapshotter and the real archiver (datacenter "lab") on one memory:// bus."""
     settings = lab_settings(lab.vm, tmp_path, staging_dir=tmp_path / "staging",
                             nbd_run_dir=tmp_path / "nbd")
@@ -91,7 +90,7 @@ def host_leftovers(run_dir: Path) -> list[str]:
 
 
 def test_archiver_service_archives_a_busy_origin_snapshot_through_nbd_and_it_is_released(
-    lab: Guest, services: tuple[SnapshotterService, Service], tmp_path: Path,
+    lab: Guest, services: tuple[Service, Service], tmp_path: Path,
 ) -> None:
     snapshotter, archiver = services
     settings: Settings = archiver.settings

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from services.snapshotter.bootstrap import SnapshotterService
+from shared.runtime import Service
 from tests.lab.flow import archive, completed, job, publish, request, wait_event
 from tests.lab.guest import Guest
 
 
 def test_snapshot_of_a_busy_origin_archives_the_snapshot_moment_and_releases_cleanly(
-    lab: Guest, make_snapshotter: Callable[..., SnapshotterService], tmp_path: Path,
+    lab: Guest, make_snapshotter: Callable[..., Service], tmp_path: Path,
 ) -> None:
     # Given a mounted ext4 origin with a writer running and a file written before
     lab.start_writer("vm1")

@@ -11,17 +11,29 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services.snapshotter.bootstrap import SnapshotterService
 from services.snapshotter.drivers import DmDriver, SnapshotSpec
+from services.snapshotter.jobs import SnapshotWork
 from services.snapshotter.reconciler import reconcile
 from shared.addresses import host_pool
 from shared.nbd import reconcile as reconcile_mounts
+from shared.runtime import Service
 from tests.lab.conftest import lab_settings
-from tests.lab.flow import archive, completed, failed, job, publish, request, wait_event
+from tests.lab.flow import (
+    archive,
+    completed,
+    events,
+    failed,
+    job,
+    publish,
+    request,
+    wait_event,
+)
 from tests.lab.guest import Guest
+from tests.support.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +86,7 @@ def _wait_line(process: subprocess.Popen[str], prefix: str, timeout: float = 120
 
 
 def test_snapshotter_killed_after_suspend_is_repaired_by_the_reconciler(
-    lab: Guest, make_snapshotter: Callable[..., SnapshotterService], tmp_path: Path,
+    lab: Guest, make_snapshotter: Callable[..., Service], tmp_path: Path,
 ) -> None:
     # Given a snapshotter process that stops right after suspending a busy origin
     lab.start_writer("vm1")
@@ -100,9 +112,10 @@ def test_snapshotter_killed_after_suspend_is_repaired_by_the_reconciler(
     # Then once its lease expired (6 s here), the reconciler resumes the origin and removes
     # the rest: the origin is writable within seconds of the reconciler's round
     time.sleep(6.5)
-    assert service.work is not None
+    hosts = host_pool(service.settings)
     started = time.monotonic()
-    torn = reconcile(service.work)
+    torn = reconcile(SnapshotWork(service.settings, service.units, hosts))
+    hosts.close_all()
     assert torn == {lab.vm.address: [job(service, request_id).snapshot_id]}
     assert not lab.suspended("lab-vm1")
     assert time.monotonic() - started + lab.writable_within("vm1") < 30
@@ -119,7 +132,7 @@ def test_snapshotter_killed_after_suspend_is_repaired_by_the_reconciler(
 
 
 def test_cow_too_small_is_invalidated_and_retried_with_a_larger_cow(
-    lab: Guest, make_snapshotter: Callable[..., SnapshotterService], tmp_path: Path,
+    lab: Guest, make_snapshotter: Callable[..., Service], tmp_path: Path,
 ) -> None:
     # Given a COW of 4 MiB (4 % of the 96 MiB origin) and a writer
     lab.start_writer("vm1")
@@ -150,15 +163,22 @@ def test_cow_too_small_is_invalidated_and_retried_with_a_larger_cow(
 
 
 def test_two_snapshots_on_one_host_with_limit_one_run_one_after_the_other(
-    lab: Guest, make_snapshotter: Callable[..., SnapshotterService], tmp_path: Path,
+    lab: Guest, make_snapshotter: Callable[..., Service], tmp_path: Path,
 ) -> None:
     # Given the per-host limit 1 and two origins on one host
     service = make_snapshotter(snapshots_per_host=1)
     # When both are requested at once
-    one = request(service, lab.vm.address, "/dev/mapper/lab-vm1")
-    two = request(service, lab.vm.address, "/dev/mapper/lab-vm2")
-    # Then one is made; the other waits for the slot while the first is active
-    first = wait_event(service, "snapshot.ready", one)
+    requested = [request(service, lab.vm.address, "/dev/mapper/lab-vm1"),
+                 request(service, lab.vm.address, "/dev/mapper/lab-vm2")]
+    # Then one is made (whichever worker took the slot first); the other waits for the slot
+    # while the first is active
+    def ready() -> list[Any]:
+        return [e for r in requested for e in events(service, "snapshot.ready", r)]
+
+    wait_for(ready, 90, "a snapshot.ready")
+    [first] = ready()
+    one = first.request_id
+    [two] = [r for r in requested if r != one]
     time.sleep(2)
     waiting = job(service, two)
     assert waiting.phase == "waiting" and "waiting for a slot" in (waiting.error or "")
@@ -173,7 +193,7 @@ def test_two_snapshots_on_one_host_with_limit_one_run_one_after_the_other(
 
 
 def test_archiver_killed_while_mounted_is_cleaned_by_the_nbd_reconciler(
-    lab: Guest, make_snapshotter: Callable[..., SnapshotterService], tmp_path: Path,
+    lab: Guest, make_snapshotter: Callable[..., Service], tmp_path: Path,
 ) -> None:
     # Given an archiver process that mounted a snapshot through nbd over the tunnel
     service = make_snapshotter()

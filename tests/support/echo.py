@@ -2,7 +2,9 @@
 
 It handles `test.echo` (record an effect, emit `test.echoed`) and `test.job` (record a
 leased job that a worker runs for a while, then records its effect and emits
-`test.job_done`). Run as a process: `python -m tests.support.echo --db URL`.
+`test.job_done`). Its handlers and its job are written as every service's are: plain
+functions holding only their decision, the runtime owning the lifecycle.
+Run as a process: `python -m tests.support.echo --db URL`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,27 @@ import threading
 import time
 from typing import Any, ClassVar, Literal
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, insert, select
+from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, insert, select
 
 from shared.contracts import Event
 from shared.db import make_engine
 from shared.envelope import Envelope
 from shared.errors import PermanentError, TransientError
-from shared.inbox_outbox import UnitOfWork
+from shared.inbox_outbox import Inbox, UnitOfWork, Units
 from shared.inbox_outbox import metadata as messaging
-from shared.jobs import DONE, FAILED, JobWorker, Lease, Leases, job_table, new_job_values
-from shared.runtime import Service
+from shared.jobs import (
+    DONE,
+    FAILED,
+    Done,
+    JobWorker,
+    Lease,
+    Leases,
+    Outcome,
+    job_table,
+    new_job_values,
+)
+from shared.retry import RetryPolicy
+from shared.runtime import Context, Handler, Service, handler_name
 from shared.settings import Settings
 from shared.topology import QueueSpec
 
@@ -68,88 +81,72 @@ failures = Table(
 jobs = job_table("echo_jobs", metadata)
 
 
-def echo(event: Echo, envelope: Envelope, *, uow: UnitOfWork) -> None:
-    with uow:
-        if not uow.inbox.claim(envelope.id, "echo"):
-            return
-        if event.fail == "transient":
-            raise TransientError(f"echo {event.value}: broker of doom unreachable")
-        if event.fail == "permanent":
-            raise PermanentError(f"echo {event.value}: this can never work")
-        if event.fail == "until_flag" and uow.connection.execute(
-            select(flags.c.name).where(flags.c.name == "heal")
-        ).first() is None:
-            raise RuntimeError(f"echo {event.value}: not healed yet")
-        uow.connection.execute(insert(effects).values(
-            message_id=str(envelope.id), value=event.value, at=time.time()))
-        uow.outbox.add(Echoed(value=event.value), migration_id=envelope.migration_id,
-                       cause=envelope)
-        uow.commit()
+def echo(event: Echo, ctx: Context[None]) -> None:
+    """Record the value as an effect and emit test.echoed — or fail as the event asks."""
+    if event.fail == "transient":
+        raise TransientError(f"echo {event.value}: broker of doom unreachable")
+    if event.fail == "permanent":
+        raise PermanentError(f"echo {event.value}: this can never work")
+    if event.fail == "until_flag" and ctx.connection.execute(
+        select(flags.c.name).where(flags.c.name == "heal")
+    ).first() is None:
+        raise RuntimeError(f"echo {event.value}: not healed yet")
+    ctx.connection.execute(insert(effects).values(
+        message_id=str(ctx.envelope.id), value=event.value, at=time.time()))
+    ctx.emit(Echoed(value=event.value))
 
 
-def record_failure(event: Any, envelope: Envelope, error: BaseException, *,
-                   uow: UnitOfWork) -> None:
-    with uow:
-        if not uow.inbox.claim(envelope.id, "record_failure"):
-            return
-        uow.connection.execute(insert(failures).values(message_id=str(envelope.id),
-                                                       error=str(error)[:500]))
-        uow.commit()
+def record_failure(event: Any, ctx: Context[None], error: BaseException) -> None:
+    """The bus gave up on a message: keep its error."""
+    ctx.connection.execute(insert(failures).values(message_id=str(ctx.envelope.id),
+                                                   error=str(error)[:500]))
 
 
-def request_job(event: JobRequested, envelope: Envelope, *, uow: UnitOfWork) -> None:
-    with uow:
-        if not uow.inbox.claim(envelope.id, "request_job"):
-            return
-        uow.connection.execute(insert(jobs).values(new_job_values(
-            event.job_id, envelope.migration_id, "sleep", {"seconds": event.seconds})))
-        uow.commit()
+def request_job(event: JobRequested, ctx: Context[None]) -> None:
+    ctx.connection.execute(insert(jobs).values(new_job_values(
+        event.job_id, ctx.migration_id, "sleep", {"seconds": event.seconds})))
 
 
-def run_job(lease: Lease, engine: Any) -> None:
-    seconds = float(lease.job.payload["seconds"])
+def run_job(lease: Lease) -> Outcome:
+    """Sleep for the job's seconds in steps (the "work"), then record the effect."""
+    seconds = float(lease.job.payload.get("seconds", 0.0))
     steps = max(1, int(seconds / 0.1))
     for step in range(steps):
         time.sleep(seconds / steps)
         lease.check()
         lease.progress(bytes_done=step + 1, bytes_total=steps)
-    with UnitOfWork(engine) as uow:
-        lease.leases.finish(uow.connection, lease.job_id, lease.owner,
-                            result={"owner": lease.owner})
+
+    def record(uow: UnitOfWork) -> None:
         uow.connection.execute(insert(effects).values(
             message_id=lease.job_id, value=f"job:{lease.job_id}", at=time.time()))
         uow.outbox.add(JobDone(job_id=lease.job_id, owner=lease.owner),
                        migration_id=lease.job.migration_id)
-        uow.commit()
+
+    return Done({"owner": lease.owner}, record=record)
 
 
-def fail_job(lease: Lease, error: BaseException, engine: Any) -> None:
-    with engine.begin() as connection:
-        lease.leases.finish(connection, lease.job_id, lease.owner, state=FAILED,
-                            error=str(error))
+HANDLERS: dict[str, Handler] = {Echo.TYPE: echo, JobRequested.TYPE: request_job}
+ON_FAILURE = record_failure
 
 
 def build(settings: Settings, db_url: str, queue: str = "echo") -> Service:
     engine = make_engine(db_url)
     messaging.create_all(engine)
     metadata.create_all(engine)
-    leases = Leases(engine, jobs, settings.lease_seconds)
-    worker = JobWorker(leases, lambda lease: run_job(lease, engine),
-                       fail=lambda lease, error: fail_job(lease, error, engine),
-                       name=f"{queue}-jobs", poll_seconds=settings.job_poll_seconds,
-                       concurrency=1)
-    service: Service
-
-    def on_failure(event: Any, envelope: Envelope, error: BaseException) -> None:
-        record_failure(event, envelope, error, uow=service.uow())
-
-    service = Service("echo", settings, engine, QueueSpec(queue, ("test.echo", "test.job")),
-                      {Echo.TYPE: echo, JobRequested.TYPE: request_job},
-                      on_failure=on_failure, workers=[worker])
-    return service
+    units = Units(engine)
+    worker = JobWorker(Leases(engine, jobs, settings.lease_seconds), run_job, units=units,
+                       policy=RetryPolicy.from_settings(settings), name=f"{queue}-jobs",
+                       poll_seconds=settings.job_poll_seconds)
+    return Service("echo", settings, units, QueueSpec(queue, ("test.echo", "test.job")),
+                   HANDLERS, on_failure=ON_FAILURE, workers=[worker])
 
 
-__all__ = ["DONE", "FAILED", "build", "effects", "failures", "flags", "jobs"]
+def handled(engine: Engine, envelope: Envelope) -> bool:
+    """True once the echo handler committed `envelope` (its inbox row is there)."""
+    return Inbox.seen(engine, envelope.id, handler_name(echo))
+
+
+__all__ = ["DONE", "FAILED", "build", "effects", "failures", "flags", "handled", "jobs"]
 
 
 def main() -> None:

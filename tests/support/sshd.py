@@ -1,5 +1,5 @@
-"""The loopback sshd the tests start (it lives in shared/ because `ferry demo --ssh` uses it)."""
+"""The loopback sshd the tests start (it lives in ferry/ because `ferry demo --ssh` uses it)."""
 
-from shared.loopback_sshd import SshServer, SshServerError, free_port, generate_key
+from ferry.loopback_sshd import SshServer, SshServerError, free_port, generate_key
 
 __all__ = ["SshServer", "SshServerError", "free_port", "generate_key"]

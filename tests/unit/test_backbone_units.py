@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from shared.contracts import EVENTS, ArchiveRequested, ArchiveSource, MigrationFailed
+from shared.contracts import (
+    EVENTS,
+    ArchiveRequested,
+    ArchiveSource,
+    MigrationFailed,
+    routing_key_for,
+)
 from shared.envelope import Envelope
 from shared.errors import MalformedMessageError
 from shared.runtime import routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, queue_name, retry_queue, work_queue
 
-DESIGN_EVENTS = {
-    "migration.submitted", "migration.resolved", "migration.failed", "snapshot.requested",
-    "snapshot.ready", "snapshot.released", "archive.requested", "archive.progress",
-    "archive.completed", "archive.failed", "transfer.completed", "transfer.failed",
-    "migration.completed",
-}
 
-
-def test_every_event_of_the_design_has_a_payload_model() -> None:
-    assert DESIGN_EVENTS <= set(EVENTS)
+@pytest.mark.parametrize("event_type", sorted(EVENTS))
+def test_every_datacenter_routed_event_must_carry_its_datacenter(event_type: str) -> None:
+    # routing_key_for falls back to the bare type when the payload has no datacenter, and
+    # the bare type matches no datacenter's queue: such an event would reach no one.
+    model = EVENTS[event_type]
+    assert model.TYPE == event_type
+    if model.ROUTED_BY_DATACENTER:
+        assert model.model_fields["datacenter"].is_required(), event_type
+        assert routing_keys({event_type: None}, "ey04") == (f"{event_type}.ey04",)
+        assert routing_key_for(event_type, {"datacenter": "ey04"}) == f"{event_type}.ey04"
+    else:  # one queue for all datacenters, even when the payload names one
+        assert routing_keys({event_type: None}, "ey04") == (event_type,)
+        assert routing_key_for(event_type, {"datacenter": "ey04"}) == event_type
 
 
 def test_envelope_round_trips_through_json() -> None:
@@ -90,12 +98,6 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.database_url("intake") == "sqlite:////tmp/ferry-state/intake.sqlite3"
     with pytest.raises(ValueError, match="unknown service 'billing'"):
         settings.database_url("billing")
-
-
-def test_envelope_ids_are_unique() -> None:
-    event = MigrationFailed(stage="s", reason="r")
-    ids = {Envelope.wrap(event, migration_id="m").id for _ in range(100)}
-    assert len(ids) == 100 and all(isinstance(i, uuid.UUID) for i in ids)
 
 
 def test_periodic_task_survives_a_failing_round_and_stops() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -28,3 +29,15 @@ def test_compose_runs_every_service_after_healthy_broker_and_database() -> None:
         assert "healthcheck" in services[name]
     for service in (*archivers, services["resolver"]):
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    # Given the packages pyproject.toml installs (ferry*, shared*, services*)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]
+                ["include"]]
+    # Then the Dockerfile copies each before `pip install .`, and the entry point is ferry's
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert all(f"COPY {p} ./{p}\n" in dockerfile for p in packages), packages
+    assert pyproject["project"]["scripts"]["ferry"] == "ferry.cli:main"
+    assert 'ENTRYPOINT ["ferry"]' in dockerfile

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from ferry.cli import main
+from services.archiver import SCHEMA as ARCHIVER_SCHEMA
 from services.archiver.handlers import record_archive_request
 from services.archiver.tables import archive_jobs
-from shared.cli import main
 from shared.contracts import ArchiveRequested, ArchiveSource
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork
-from shared.runtime import open_database
+from shared.runtime import deliver, open_database
 from shared.settings import Settings
 
 
@@ -23,13 +23,14 @@ def test_list_and_show_tell_state_sizes_requests_and_warnings(
     # Given one finished archive answering two requests
     monkeypatch.setenv("FERRY_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("COLUMNS", "250")
-    engine = open_database(Settings(), "archiver")
+    units = open_database(Settings(), ARCHIVER_SCHEMA)
+    engine = units.engine
     for request_id in ("r1", "r2"):
         event = ArchiveRequested(datacenter="ey04", request_id=request_id, kind="shared_fs",
                                  reuse_key="gfs:data", source=ArchiveSource(
                                      host="vm1", path="/data", label="ey04-e00075:/data"))
-        record_archive_request(event, Envelope.wrap(event, migration_id=f"m-{request_id}"),
-                               uow=UnitOfWork(engine))
+        deliver(record_archive_request, event,
+                Envelope.wrap(event, migration_id=f"m-{request_id}"), units)
     with engine.begin() as connection:
         connection.execute(update(archive_jobs).values(
             state="done", raw_bytes=5_000_000, compressed_bytes=2_000_000, started_at=10.0,

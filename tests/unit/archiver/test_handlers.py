@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, update
 
+from services.archiver import SCHEMA as ARCHIVER_SCHEMA
 from services.archiver.handlers import (
+    ON_FAILURE,
     ReuseKeyConflictError,
-    fail_request,
     record_archive_request,
     record_snapshot_ready,
 )
@@ -21,14 +23,21 @@ from services.archiver.sources import SourceInvalidError
 from services.archiver.tables import archive_jobs, archive_requests
 from shared.contracts import ArchiveRequested, ArchiveSource, SnapshotReady
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork, outbox_table
-from shared.runtime import open_database
+from shared.inbox_outbox import Units, outbox_table
+from shared.runtime import deliver, deliver_failure, open_database
 from shared.settings import Settings
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return open_database(Settings(state_dir=tmp_path), "archiver")
+def units(tmp_path: Path) -> Iterator[Units]:
+    units = open_database(Settings(state_dir=tmp_path), ARCHIVER_SCHEMA)
+    yield units
+    units.engine.dispose()
+
+
+@pytest.fixture
+def engine(units: Units) -> Engine:
+    return units.engine
 
 
 def request(request_id: str, key: str = "fs:vm1:/data", kind: str = "shared_fs",
@@ -39,8 +48,12 @@ def request(request_id: str, key: str = "fs:vm1:/data", kind: str = "shared_fs",
     return event, Envelope.wrap(event, migration_id=f"m-{request_id}")
 
 
-def handle(engine: Engine, event: ArchiveRequested, envelope: Envelope) -> None:
-    record_archive_request(event, envelope, uow=UnitOfWork(engine))
+def handle(engine: Engine, event: ArchiveRequested, envelope: Envelope) -> bool:
+    return deliver(record_archive_request, event, envelope, Units(engine))
+
+
+def ready(engine: Engine, event: SnapshotReady, envelope: Envelope) -> bool:
+    return deliver(record_snapshot_ready, event, envelope, Units(engine))
 
 
 def rows(engine: Engine, table: Any) -> list[Any]:
@@ -86,9 +99,10 @@ def test_request_for_a_finished_archive_is_answered_at_once(engine: Engine) -> N
 
 def test_redelivered_and_resent_requests_have_one_effect(engine: Engine) -> None:
     event, envelope = request("r1")
-    handle(engine, event, envelope)
-    handle(engine, event, envelope)  # the same message again
-    handle(engine, event, Envelope.wrap(event, migration_id="m-r1"))  # resent, new message id
+    assert handle(engine, event, envelope)
+    assert not handle(engine, event, envelope)  # the same message again
+    # resent under a new message id: handled, and changes nothing
+    assert handle(engine, event, Envelope.wrap(event, migration_id="m-r1"))
 
     assert len(rows(engine, archive_requests)) == 1 and len(rows(engine, archive_jobs)) == 1
 
@@ -110,8 +124,8 @@ def test_invalid_source_writes_nothing_and_failure_hook_answers_once(engine: Eng
     assert rows(engine, archive_jobs) == [] and rows(engine, archive_requests) == []
     # When the bus gives up on it (twice: a replayed dead letter)
     error = SourceInvalidError("database name '$(touch /tmp/pwned)' is not a plain name")
-    fail_request(event, envelope, error, uow=UnitOfWork(engine))
-    fail_request(event, envelope, error, uow=UnitOfWork(engine))
+    assert deliver_failure(ON_FAILURE, event, envelope, error, Units(engine))
+    assert not deliver_failure(ON_FAILURE, event, envelope, error, Units(engine))
     [failed] = events(engine)
     assert failed["type"] == "archive.failed" and failed["payload"]["host"] == "vm1"
     assert "not a plain name" in failed["payload"]["reason"]
@@ -141,12 +155,11 @@ def test_snapshot_ready_becomes_a_local_fs_archive_job(engine: Engine) -> None:
     event = SnapshotReady(datacenter="ey04", request_id="r9", snapshot_id="s1", driver="none",
                           host="local", size_bytes=0, reuse_key="local:vm1:/",
                           source=ArchiveSource(host="local", path="/srv/vm1"))
-    record_snapshot_ready(event, Envelope.wrap(event, migration_id="m"),
-                          uow=UnitOfWork(engine))
+    ready(engine, event, Envelope.wrap(event, migration_id="m"))
 
     [job] = rows(engine, archive_jobs)
     assert job.kind == "local_fs" and job.payload["snapshot"]["driver"] == "none"
-    assert uuid.UUID(job.id)
+    assert uuid.UUID(job.id).hex == job.id  # a fresh random id, not the reuse key
 
 
 def snapshot_ready(snapshot_id: str) -> tuple[SnapshotReady, Envelope]:
@@ -162,12 +175,12 @@ def test_failed_local_fs_request_retried_with_a_new_snapshot_runs_again_from_it(
     engine: Engine,
 ) -> None:
     # Given a local_fs archive that failed reading its snapshot (its COW filled up)
-    record_snapshot_ready(*snapshot_ready("ferry-j1-1"), uow=UnitOfWork(engine))
+    ready(engine, *snapshot_ready("ferry-j1-1"))
     with engine.begin() as connection:
         connection.execute(update(archive_jobs).values(state="failed", attempts=1))
         connection.execute(update(archive_requests).values(state="failed"))
     # When the snapshotter sends snapshot.ready again for the request, with a new snapshot
-    record_snapshot_ready(*snapshot_ready("ferry-j1-2"), uow=UnitOfWork(engine))
+    ready(engine, *snapshot_ready("ferry-j1-2"))
     # Then the request waits again and the job runs again, on the new snapshot
     [job] = rows(engine, archive_jobs)
     assert job.state == "pending" and job.payload["snapshot"]["snapshot_id"] == "ferry-j1-2"
@@ -176,14 +189,14 @@ def test_failed_local_fs_request_retried_with_a_new_snapshot_runs_again_from_it(
 
 
 def test_answers_for_a_local_fs_archive_name_the_snapshot_it_read(engine: Engine) -> None:
-    record_snapshot_ready(*snapshot_ready("ferry-j1-1"), uow=UnitOfWork(engine))
+    ready(engine, *snapshot_ready("ferry-j1-1"))
     with engine.begin() as connection:
         connection.execute(update(archive_jobs).values(
             state="done", file_path="/s/ey04/a.tar.zst", raw_bytes=1, compressed_bytes=1,
             sha256="b" * 64, started_at=1.0, finished_at=2.0, warnings=[]))
     event, _ = snapshot_ready("ferry-j1-1")
     other = event.model_copy(update={"request_id": "r10"})
-    record_snapshot_ready(other, Envelope.wrap(other, migration_id="m-10"), uow=UnitOfWork(engine))
+    ready(engine, other, Envelope.wrap(other, migration_id="m-10"))
 
     [completed] = events(engine)
     assert completed["payload"]["snapshot_id"] == "ferry-j1-1"

@@ -6,25 +6,25 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from services.archiver import SCHEMA as ARCHIVER_SCHEMA
 from services.archiver.handlers import record_archive_request
 from services.archiver.jobs import Archiver
 from services.archiver.tables import archive_jobs
 from shared.addresses import host_pool
 from shared.contracts import ArchiveRequested, ArchiveSource
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork
-from shared.runtime import open_database
+from shared.runtime import deliver, open_database
 from shared.settings import Settings
 
 
 def test_start_sweeps_partials_of_archives_no_one_is_writing(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path, staging_dir=tmp_path / "staging")
-    engine = open_database(settings, "archiver")
+    units = open_database(settings, ARCHIVER_SCHEMA)
+    engine = units.engine
     for name in ("done", "running", "pending"):
         event = ArchiveRequested(datacenter="ey04", request_id=name, kind="shared_fs",
                                  reuse_key=name, source=ArchiveSource(host="local", path="/x"))
-        record_archive_request(event, Envelope.wrap(event, migration_id="m"),
-                               uow=UnitOfWork(engine))
+        deliver(record_archive_request, event, Envelope.wrap(event, migration_id="m"), units)
         with engine.begin() as connection:
             connection.execute(update(archive_jobs).where(archive_jobs.c.reuse_key == name)
                                .values(state=name))

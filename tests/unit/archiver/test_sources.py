@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from services.archiver.sources import (
@@ -15,6 +18,7 @@ from services.archiver.sources import (
 )
 from shared.contracts import ArchiveSource
 from shared.errors import PermanentError
+from shared.hosts import LocalExecutor
 from shared.settings import Settings
 
 
@@ -85,8 +89,26 @@ def test_paths_that_are_not_plain_absolute_paths_are_refused(path: str) -> None:
         validate_order(order("shared_fs", path=path))
 
 
-def test_a_path_with_shell_characters_is_allowed_because_it_is_never_read_by_a_shell() -> None:
-    validate_order(order("shared_fs", path="/data; touch /tmp/pwned"))
+def test_a_path_and_exclude_with_shell_code_reach_the_command_as_literal_arguments(
+    tmp_path: Path,
+) -> None:
+    # Given a mountpoint and an exclude that a shell would run (allowed: they are only names)
+    ran_path, ran_exclude = tmp_path / "ran-path", tmp_path / "ran-exclude"
+    hostile = order("shared_fs", path=f"/data/$(touch {ran_path})",
+                    excludes=(f"`touch {ran_exclude}`",))
+    validate_order(hostile)
+    argv = filesystem_command(hostile, Settings(source_nice=False)).argv
+    # When the command runs as every host runs one (bash -c, the argv shlex-joined), with
+    # printf in front to print the arguments it got instead of running tar
+    printed = LocalExecutor().run(["printf", r"%s\0", *argv]).stdout
+    # Then tar would get exactly the argv built, the shell code as text, and nothing ran
+    assert printed.decode().split("\0")[:-1] == argv
+    assert f"/data/$(touch {ran_path})" in argv
+    assert f"--exclude=./`touch {ran_exclude}`" in argv
+    assert not ran_path.exists() and not ran_exclude.exists()
+    # ... while the same argv joined unquoted would have run both (the input is live)
+    subprocess.run(["bash", "-c", " ".join(["true", *argv])], check=True)  # noqa: S603, S607
+    assert ran_path.exists() and ran_exclude.exists()
 
 
 def test_database_without_engine_is_refused() -> None:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from rich.console import Console
 
+from ferry.cli import main
 from services.resolver import commands
-from shared.cli import main
 from tests.unit.resolver.documents import INVENTORY, ROOT
 
 

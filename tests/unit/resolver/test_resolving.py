@@ -4,13 +4,14 @@ exhausted pools and unknown entities."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
 
+from services.resolver import SCHEMA as RESOLVER_SCHEMA
 from services.resolver.allocation import Allocator
 from services.resolver.handlers import Resolver, fail_migration, resolve_migration
 from services.resolver.inventory import FileInventory, UnknownEntityError
@@ -19,12 +20,10 @@ from services.resolver.tables import internal_ips, name_sequences, names, public
 from shared.contracts import MigrationSubmitted
 from shared.document import DocumentInvalidError
 from shared.envelope import Envelope
-from shared.inbox_outbox import UnitOfWork, outbox_table
-from shared.runtime import open_database
+from shared.inbox_outbox import outbox_table
+from shared.runtime import deliver, deliver_failure, open_database
 from shared.settings import Settings
 from tests.unit.resolver.documents import INVENTORY, example_document
-
-Handle = Callable[[Envelope], None]
 
 
 class Site:
@@ -32,15 +31,17 @@ class Site:
 
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
         self.settings = Settings(state_dir=tmp_path, inventory=str(INVENTORY), **settings)
-        self.engine: Engine = open_database(self.settings, "resolver")
+        self.units = open_database(self.settings, RESOLVER_SCHEMA)
+        self.engine: Engine = self.units.engine
         self.pools = Pools.from_settings(self.settings)
         seed_pools(self.engine, self.pools)
-        self.resolver = Resolver(self.engine, Allocator(self.pools), FileInventory(INVENTORY))
+        self.resolver = Resolver(Allocator(self.pools), FileInventory(INVENTORY))
 
-    def handle(self, envelope: Envelope) -> None:
+    def handle(self, envelope: Envelope) -> bool:
+        """Deliver as the runtime does; False when the inbox had seen the message."""
         event = envelope.event()
         assert isinstance(event, MigrationSubmitted)
-        resolve_migration(event, envelope, uow=UnitOfWork(self.engine), resolver=self.resolver)
+        return deliver(resolve_migration, event, envelope, self.units, self.resolver)
 
     def events(self, migration_id: str | None = None) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
@@ -125,8 +126,8 @@ def test_seeds_example_resolves_to_the_names_mappings_and_jobs_it_describes(site
 
 def test_redelivered_message_has_one_effect(site: Site) -> None:
     envelope = submitted(example_document(), "m-twice")
-    site.handle(envelope)
-    site.handle(envelope)
+    assert site.handle(envelope) is True
+    assert site.handle(envelope) is False
     assert len(site.events()) == 8
     assert site.held_by("m-twice") == 6 + 2 + 1 + 1 + 6  # names, IP, VLAN, internal IPs
 
@@ -171,7 +172,7 @@ def test_exhausted_pool_fails_the_migration_holding_nothing(tmp_path: Path) -> N
         "reason": "public IP pool 198.51.100.0/30 exhausted: 2 needed, 1 free"}
     assert site.held_by("m-2") == 0 and site.counters() == before
     # And a redelivery of it says so only once
-    site.handle(envelope)
+    assert site.handle(envelope) is False
     assert len(site.events("m-2")) == 1
     # And the next migration gets the free address and the very next names
     site.handle(submitted(example_document("cust-c"), "m-3"))
@@ -197,8 +198,9 @@ def test_unknown_old_vm_fails_before_anything_is_allocated(site: Site) -> None:
         site.handle(envelope)
     assert site.held_by("m-unknown") == 0 and site.events() == []
     # When the bus gives up on it, the failure hook says so once, naming the VM
-    for _ in range(2):
-        fail_migration(envelope.event(), envelope, caught.value, uow=UnitOfWork(site.engine))
+    delivered = [deliver_failure(fail_migration, envelope.event(), envelope, caught.value,
+                                 site.units, site.resolver) for _ in range(2)]
+    assert delivered == [True, False]
     assert [e["payload"] for e in site.events()] == [{
         "stage": "resolve", "reason": "old VM 'ey04-s59999' is not in the inventory"}]
 

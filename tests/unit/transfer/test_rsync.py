@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from services.transfer.jobs import backoff
 from services.transfer.rsync import (
     EXIT_CODES,
     RsyncError,
@@ -116,10 +115,3 @@ def test_output_streamed_in_odd_chunks_gives_progress_and_stats() -> None:
     assert output.stats == {"file_bytes": 30_000_000, "transferred_file_bytes": 30_000_000,
                             "literal_bytes": 18_000_000, "matched_bytes": 0,
                             "bytes_sent": 18_004_475}
-
-
-def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
-    for attempt, step in [(1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)]:
-        delays = {backoff(attempt, base=2.0, cap=60.0) for _ in range(50)}
-        assert all(step / 2 <= d <= step for d in delays)
-        assert len(delays) > 1  # jittered

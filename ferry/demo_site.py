@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from shared.sample_site import SIZES, TreeSize, make_tree
+from ferry.sample_site import SIZES, TreeSize, make_tree
 
 APP_VMS = {"small": 4, "medium": 20}
 DATACENTER = "ey04"

@@ -1,20 +1,25 @@
-"""The `ferry` command: run services, manage dead letters, upgrade databases."""
+"""The `ferry` command: run services, manage dead letters, upgrade databases, show the
+event map, and run the demo."""
 
 from __future__ import annotations
 
-import importlib
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.dlq import list_dead, replay_dead
+from ferry.builders import SCHEMAS, Options, build
+from ferry.dlq import list_dead, replay_dead
+from services.archiver import commands as archiver_commands
+from services.intake import commands as intake_commands
+from services.resolver import commands as resolver_commands
+from services.snapshotter import commands as snapshotter_commands
+from services.transfer import commands as transfer_commands
+from shared.runner import run_until_stopped
 from shared.settings import SERVICES, Settings
 from shared.topology import FIXED_QUEUES
 
@@ -25,11 +30,10 @@ db_app = typer.Typer(no_args_is_help=True, help="Service databases.")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(db_app, name="db")
 console = Console()
-
-
-def _bootstrap(service: str, settings: Settings, **options: Any) -> Any:
-    module = importlib.import_module(f"services.{service}.bootstrap")
-    return module.bootstrap(settings, **options)
+# Each service adds its own commands (`ferry archives ...`, `ferry inventory ...`).
+for commands in (intake_commands, resolver_commands, snapshotter_commands, archiver_commands,
+                 transfer_commands):
+    commands.register(app)
 
 
 def _check_service(service: str, allow_all: bool = False) -> None:
@@ -49,33 +53,18 @@ def run(
 ) -> None:
     """Run one service (or all of them in this process) until interrupted."""
     _check_service(service, allow_all=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = Settings()
     datacenters = list(datacenter or ([settings.datacenter] if settings.datacenter else []))
     if service == "archiver" and len(datacenters) != 1:
         raise typer.BadParameter("the archiver serves one datacenter: give --datacenter DC "
                                  "(or FERRY_DATACENTER)")
     names = list(SERVICES) if service == "all" else [service]
-    services = []
-    for name in names:
-        if name == "archiver":
-            services += [_bootstrap(name, settings, datacenter=dc, concurrency=concurrency)
-                         for dc in datacenters]
-        else:
-            # One process serving everything must not leave intake's API open: intake makes
-            # up a token and prints it when FERRY_API_TOKEN is not set.
-            services.append(_bootstrap(name, settings, concurrency=concurrency,
-                                       generate_token=service == "all"))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    for svc in services:
-        svc.start()
-    console.print(f"[green]running[/] {', '.join(s.queue.name for s in services)} "
-                  f"on {settings.broker_url.split('@')[-1]}; Ctrl-C stops")
-    stop.wait()
-    for svc in services:
-        svc.stop()
+    # One process serving everything must not leave intake's API open: intake makes up a
+    # token and prints it when FERRY_API_TOKEN is not set.
+    services = build(names, settings, Options(datacenters=tuple(datacenters),
+                                              concurrency=concurrency,
+                                              generate_token=service == "all"))
+    run_until_stopped(services, settings)
 
 
 @dlq_app.command("list")
@@ -132,24 +121,26 @@ def db_upgrade(
     for name in [service] if service else SERVICES:
         _check_service(name)
         engine = make_engine(settings.database_url(name))
-        upgrade(engine, name)
+        upgrade(engine, SCHEMAS[name])
         engine.dispose()
         console.print(f"{name}: up to date")
 
 
-def _register_service_commands() -> None:
-    """Services may add commands: `services/<name>/commands.py` with `register(app)`."""
-    for name in SERVICES:
-        try:
-            module = importlib.import_module(f"services.{name}.commands")
-        except ModuleNotFoundError as error:
-            if error.name != f"services.{name}.commands":
-                raise
-            continue
-        module.register(app)
+@app.command()
+def topology(
+    markdown: Annotated[bool, typer.Option(help="print docs/events.md instead of tables")]
+    = False,
+) -> None:
+    """Show the event map, read from the code: who emits each event, who consumes it, and
+    the queues each service declares."""
+    from ferry.event_map import render_markdown, render_tables
 
-
-_register_service_commands()
+    settings = Settings()
+    delays = tuple(settings.retry_delays)
+    if markdown:
+        sys.stdout.write(render_markdown(settings.delivery_limit, delays))
+    else:
+        console.print(render_tables(settings.delivery_limit, delays))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +181,7 @@ def demo(
     broker, SQLite, local executor); exit 0 only when every archive arrived verified."""
     import os
 
-    from shared.demo import run_demo
+    from ferry.demo import run_demo
 
     if size not in {"small", "medium"}:
         raise typer.BadParameter("--size is small or medium")

@@ -8,7 +8,6 @@ the archives end up verified under DIR/destination/<migration>/.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import secrets
 import tempfile
 import time
@@ -21,8 +20,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shared.demo_site import DATACENTER, DemoSite, build_site, drop_database, mysql_address
-from shared.loopback_sshd import SshServer, free_port
+from ferry.builders import Options, build
+from ferry.demo_site import DATACENTER, DemoSite, build_site, drop_database, mysql_address
+from ferry.loopback_sshd import SshServer, free_port
+from services.intake.stats import render_stats
+from shared.runtime import Service
 from shared.settings import SERVICES, Settings
 
 FINAL = {"failed", "completed"}
@@ -125,10 +127,9 @@ class Outcome:
     refused: str | None = None
 
 
-def start_services(settings: Settings) -> list[Any]:
+def start_services(settings: Settings) -> list[Service]:
     """Every service of the pipeline in this process (one archiver, for DATACENTER)."""
-    services = [importlib.import_module(f"services.{name}.bootstrap").bootstrap(
-        settings, datacenter=DATACENTER) for name in SERVICES]
+    services = build(SERVICES, settings, Options(datacenters=(DATACENTER,)))
     for service in services:
         service.start()
     return services
@@ -195,8 +196,7 @@ def _run_site(workdir: Path, site: DemoSite, settings: Settings, console: Consol
         status = outcome.status
         if status.get("allocations"):
             console.print(allocations_table(status["allocations"]))
-        render = importlib.import_module("services.intake.stats").render_stats
-        console.print(render(outcome.stats, wall_seconds=time.monotonic() - started))
+        console.print(render_stats(outcome.stats, wall_seconds=time.monotonic() - started))
         if status["status"] != "completed":
             console.print(f"[red]migration {status['status']}: {status.get('reason')}[/]")
             return 1

@@ -1,0 +1,50 @@
+"""Running services in the foreground until SIGTERM or SIGINT: what `python -m
+services.<name>` and `ferry run` both do once their services are built."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+
+from shared.runtime import Service
+from shared.settings import Settings
+
+
+def run_until_stopped(services: Sequence[Service], settings: Settings) -> int:
+    """Start `services`, say so on stdout (`running <queues> on <broker>`), wait for SIGTERM
+    or SIGINT, stop them in order. Returns the exit status (0). Raises what start() raises."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    started: list[Service] = []
+    try:
+        for service in services:
+            service.start()
+            started.append(service)
+        print(f"running {', '.join(s.queue.name for s in services)} on "
+              f"{settings.broker_url.split('@')[-1]}; Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        for service in started:
+            service.stop()
+    return 0
+
+
+def service_arguments(description: str, argv: Sequence[str] | None = None, *,
+                      datacenter: bool = False, concurrency: bool = True) -> argparse.Namespace:
+    """The options `python -m services.<name>` takes: --concurrency N (job workers) and,
+    for the archiver, --datacenter DC."""
+    parser = argparse.ArgumentParser(description=description)
+    if datacenter:
+        parser.add_argument("--datacenter", "-d", help="the datacenter whose queue to consume "
+                                                       "(default: FERRY_DATACENTER)")
+    if concurrency:
+        parser.add_argument("--concurrency", type=int, help="job worker threads")
+    options = parser.parse_args(argv)
+    if concurrency and options.concurrency is not None and options.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return options
