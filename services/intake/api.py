@@ -49,6 +49,7 @@ from shared.inbox_outbox import Units
 from shared.runtime import open_database
 from shared.settings import Settings
 
+MAX_PROBLEMS = 100  # problems listed in a 422; `total` counts them all
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 KEY_PATTERN = r"^[!-~]{1,200}$"  # visible ASCII: stored, compared, never interpreted
 _DOCUMENT_REF = {"$ref": "#/components/schemas/MigrationDocument"}
@@ -229,7 +230,11 @@ def _only_query(*known: str) -> Callable[[Request], None]:
 
 
 def _problems(invalid: DocumentInvalidError) -> JSONResponse:
-    return JSONResponse({"errors": [e.model_dump() for e in invalid.errors]}, status_code=422)
+    # A document can be wrong in a million places: the first MAX_PROBLEMS say enough.
+    shown = invalid.errors[:MAX_PROBLEMS]
+    return JSONResponse({"errors": [e.model_dump() for e in shown],
+                         "total": len(invalid.errors),
+                         "truncated": len(invalid.errors) > len(shown)}, status_code=422)
 
 
 def _nested() -> DocumentError:

@@ -48,16 +48,27 @@ async def read_document(request: Request) -> tuple[bytes, object]:
 
 
 def parse_json(body: bytes) -> object:
-    """Strict JSON from UTF-8 bytes (no NaN/Infinity, which JSON does not have).
+    """Strict JSON from UTF-8 bytes (no NaN/Infinity, which JSON does not have; no object
+    with the same key twice, which JSON parsers read differently: last one wins here, first
+    one elsewhere).
 
-    Raises DocumentInvalidError with one error at the root.
+    Raises DocumentInvalidError: one error at the root, or one per duplicated key at the
+    object that has it.
     """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         _invalid(f"the body is not UTF-8: byte {error.start} is {body[error.start]:#04x}")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        repeats: list[_Object] = []
+
+        def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+            parsed = _Object(pairs)
+            if parsed.repeated:
+                repeats.append(parsed)
+            return parsed
+
+        parsed = json.loads(text, parse_constant=_no_constant, object_pairs_hook=hook)
     except json.JSONDecodeError as error:
         _invalid(f"the body is not valid JSON: {error.msg} at line {error.lineno} "
                  f"column {error.colno}")
@@ -65,6 +76,48 @@ def parse_json(body: bytes) -> object:
         _invalid("the document nests arrays or objects too deeply")
     except ValueError as error:  # NaN, or an integer too long to convert
         _invalid(f"the body is not valid JSON: {error}")
+    if repeats:  # rare: only then walk the document for where they are
+        raise DocumentInvalidError([
+            DocumentError(path=path, message=f"the key {key!r} appears more than once in "
+                                             f"this object")
+            for path, key in _duplicate_keys(parsed)])
+    return parsed
+
+
+class _Object(dict[str, object]):
+    """A parsed JSON object that remembers the keys it was given twice."""
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        self.repeated: list[str] = []
+        if len(self) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen and key not in self.repeated:
+                    self.repeated.append(key)
+                seen.add(key)
+
+
+def _duplicate_keys(value: object) -> list[tuple[str, str]]:
+    """(JSON Pointer of the object, key) for every repeated key, in document order; one walk
+    over the document, without recursion (depth is bounded by the parser, not by us)."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, _Object):
+            found.extend((path, key) for key in node.repeated)
+            children = [(f"{path}/{_escape(k)}", v) for k, v in node.items()]
+        elif isinstance(node, list):
+            children = [(f"{path}/{i}", v) for i, v in enumerate(node)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return found
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _check_content_type(header: str | None) -> None:

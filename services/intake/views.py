@@ -21,9 +21,12 @@ class ErrorDetail(BaseModel):
 
 
 class ProblemList(BaseModel):
-    """Every problem found in a request, each with an RFC 6901 JSON Pointer `path`."""
+    """The problems found in a request, each with an RFC 6901 JSON Pointer `path`: the first
+    100 of a document's (`total` counts them all), or every one of a request's parameters."""
 
     errors: list[Problem]
+    total: int | None = None
+    truncated: bool = False
 
 
 class Problem(BaseModel):
