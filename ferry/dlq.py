@@ -19,6 +19,7 @@ from shared.topology import (
     DEFAULT_EXCHANGE,
     ERROR_HEADER,
     REASON_HEADER,
+    attempts_of,
     dead_queue,
 )
 
@@ -52,7 +53,11 @@ def _describe(queue: str, message: Message) -> DeadLetter:
     error = str(headers.get(ERROR_HEADER) or "")
     if not error and reason == "delivery_limit":
         error = "delivery limit reached: the consumer died or rejected it repeatedly"
-    attempts = int(headers.get(ATTEMPTS_HEADER) or headers.get("x-delivery-count") or 0)
+    attempts = attempts_of(headers)
+    if not attempts:  # absent (0) or unreadable (None): the broker's own count, if any
+        delivered = headers.get("x-delivery-count")
+        attempts = delivered if isinstance(delivered, int) and not isinstance(
+            delivered, bool) else 0
     return DeadLetter(queue, *ids, reason=reason, error=error, attempts=attempts, body=body)
 
 
@@ -82,7 +87,9 @@ def _give_back(connection: Any, channel: Any) -> None:
 def replay_dead(broker_url: str, queue: str, ids: set[str] | None = None) -> list[DeadLetter]:
     """Put dead letters (all, or those whose envelope id is in `ids`) back on their work queue.
 
-    The attempt count starts again. Returns what was replayed; the rest stay dead.
+    The attempt count starts again. Only the letters there when the replay starts are
+    read, each once: a replayed copy that dies again while the replay runs stays dead
+    (for a later replay). Returns what was replayed; the rest stay dead.
     """
     name = _work_queue_name(queue)
     replayed = []
@@ -92,7 +99,11 @@ def replay_dead(broker_url: str, queue: str, ids: set[str] | None = None) -> lis
             channel = connection.channel()
             bound = dead_queue(name)(channel)
             bound.declare()
-            while (message := bound.get(no_ack=False)) is not None:
+            waiting = bound.queue_declare(passive=True).message_count
+            for _ in range(waiting):
+                message = bound.get(no_ack=False)
+                if message is None:
+                    break
                 letter = _describe(name, message)
                 if ids is not None and letter.id not in ids:
                     continue

@@ -38,6 +38,7 @@ from shared.topology import (
     REASON_HEADER,
     QueueSpec,
     all_queues,
+    attempts_of,
     dead_queue,
     retry_queue,
 )
@@ -188,7 +189,12 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
 
     def _dispatch(self, message: Message) -> None:
         headers = dict(message.headers or {})
-        attempts = int(headers.get(ATTEMPTS_HEADER, 0) or 0)
+        attempts = attempts_of(headers)
+        if attempts is None:  # dead-lettered once, as malformed: never retried on its word
+            self._dead_letter(message, "malformed", f"the {ATTEMPTS_HEADER} header "
+                              f"{str(headers.get(ATTEMPTS_HEADER))[:100]!r} is not an "
+                              f"attempt count", 0)
+            return
         try:
             envelope = Envelope.from_json(message.body)
             event = envelope.event()

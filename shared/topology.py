@@ -27,6 +27,18 @@ QUEUE_HEADER = "x-ferry-queue"
 FAILED_AT_HEADER = "x-ferry-failed-at"
 
 FIXED_QUEUES = ("intake.status", "resolver", "snapshotter", "transfer")
+MAX_ATTEMPTS_HEADER = 1_000_000  # no honest count comes near: a larger one is forged
+
+
+def attempts_of(headers: dict[str, object]) -> int | None:
+    """Our attempt count from a message's headers: 0 when absent, None when it is not a
+    plain whole number in range (a malformed or forged header)."""
+    value = headers.get(ATTEMPTS_HEADER)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_ATTEMPTS_HEADER else None
 
 
 @dataclass(frozen=True)
