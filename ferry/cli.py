@@ -50,10 +50,15 @@ def run(
         "--datacenter", "-d", help="archiver: the datacenter whose queue to consume "
                                    "(repeat with `all`)")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="job worker threads")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="intake: serve the API without FERRY_API_TOKEN (loopback "
+                                   "addresses only)")] = False,
 ) -> None:
     """Run one service (or all of them in this process) until interrupted."""
     _check_service(service, allow_all=True)
     settings = Settings()
+    if insecure_no_auth:
+        settings = settings.model_copy(update={"insecure_no_auth": True})
     datacenters = list(datacenter or ([settings.datacenter] if settings.datacenter else []))
     if service == "archiver" and len(datacenters) != 1:
         raise typer.BadParameter("the archiver serves one datacenter: give --datacenter DC "

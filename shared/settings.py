@@ -88,10 +88,12 @@ class Settings(BaseSettings):
     source_db_port: int | None = Field(default=None, ge=1, le=65535)
     source_db_defaults_file: str | None = None  # mysql --defaults-extra-file on the source host
 
-    # Intake's HTTP API: where `ferry run intake` listens, and the bearer token it demands
-    # (none set: no token asked, except that `ferry run all` generates one).
+    # Intake's HTTP API: where `ferry run intake` listens, and the bearer token it demands.
+    # Without a token intake refuses to start, unless told insecure_no_auth, and then only
+    # on a loopback address (`ferry run all` makes a token up instead).
     intake_bind: str = Field(default="127.0.0.1:8080", pattern=r"^\S+:[0-9]{1,5}$")
     api_token: str | None = None
+    insecure_no_auth: bool = False
 
     # Snapshotter: COW size = share of the origin (doubled on each retry after a COW filled
     # up), from an LV in snapshot_cow_vg when set, else a loop-mounted file in snapshot_cow_dir

@@ -200,7 +200,8 @@ def test_taken_port_fails_the_start_with_the_address(tmp_path: Path) -> None:
         taken.listen()
         bind = f"127.0.0.1:{taken.getsockname()[1]}"
         service = bootstrap(Settings(broker_url="memory://", state_dir=tmp_path,
-                                     outbox_relay=False, intake_bind=bind))
+                                     outbox_relay=False, intake_bind=bind,
+                                     api_token="a-token-of-ours"))
         # When the service starts / Then it fails at once, naming the address
         started = time.monotonic()
         with pytest.raises(OSError, match=f"cannot listen on {bind}"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tomllib
 from pathlib import Path
@@ -11,10 +12,23 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k != "FERRY_API_TOKEN"}
+    return subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config",
+                           "-q"], capture_output=True, text=True, timeout=60,
+                          env={**clean, **env})
+
+
 def test_compose_file_is_accepted_by_docker_compose() -> None:
-    done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config",
-                           "-q"], capture_output=True, text=True, timeout=60)
+    done = compose_config(FERRY_API_TOKEN="a-token-for-the-check")
     assert done.returncode == 0, done.stderr
+
+
+def test_compose_will_not_start_intake_without_a_token() -> None:
+    done = compose_config()
+    assert done.returncode != 0 and "FERRY_API_TOKEN" in done.stderr, done.stderr
+    intake = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["intake"]
+    assert intake["environment"]["FERRY_API_TOKEN"].startswith("${FERRY_API_TOKEN:?")
 
 
 def test_compose_runs_every_service_after_healthy_broker_and_database() -> None:
