@@ -166,8 +166,9 @@ def shell_case(ssh: str, tail: str, out: Path | None,
 def ferry_case(server: SshServer, tree: Path, work: Path, compression: str,
                nice: bool = True, local: bool = False) -> Callable[[], tuple[int, int]]:
     def run() -> tuple[int, int]:
-        settings = Settings(state_dir=work / "state", staging_dir=work / "staging",
-                            compression=compression, source_nice=nice,
+        settings = Settings(allow_local_hosts=True, state_dir=work / "state",
+                            staging_dir=work / "staging", compression=compression,
+                            source_nice=nice,
                             ssh_key_path=server.user_key_path,
                             ssh_known_hosts_path=server.known_hosts_path, lease_seconds=60)
         units = open_database(settings, ARCHIVER_SCHEMA)

@@ -47,7 +47,7 @@ def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None,
         outbox_poll_seconds=0.05, job_poll_seconds=0.2, lease_seconds=30,
         retry_delays=(0.5, 2.0, 5.0), transfer_backoff_seconds=1.0,
         archive_progress_seconds=1.0, transfer_progress_seconds=1.0,
-        datacenter=DATACENTER,
+        datacenter=DATACENTER, allow_local_hosts=True,  # the sample site's hosts are here
     )
     values.update(over_ssh)
     return Settings(**values)

@@ -26,14 +26,20 @@ def parse_address(address: str) -> tuple[str | None, str, int]:
 
 
 def host_pool(settings: Settings) -> HostPool:
-    """A pool that opens `local` as a LocalExecutor and anything else over SSH.
+    """A pool that opens `local` as a LocalExecutor (only with `allow_local_hosts`) and
+    anything else over SSH.
 
-    The pool's get() raises ConfigurationError when SSH is needed but no key or known_hosts
-    file is configured.
+    The pool's get() raises ConfigurationError for `local` when it is not allowed, and when
+    SSH is needed but no key or known_hosts file is configured.
     """
 
     def open_host(address: str) -> Host:
         if address == "local":
+            if not settings.allow_local_hosts:
+                raise ConfigurationError(
+                    "host 'local' is this machine itself, reached without SSH: allowed only "
+                    "for the demo and tests (FERRY_ALLOW_LOCAL_HOSTS=true); name the host's "
+                    "SSH address in the inventory")
             return LocalExecutor()
         from shared.ssh import SSHConfig, SSHHost
 

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     intake_bind: str = Field(default="127.0.0.1:8080", pattern=r"^\S+:[0-9]{1,5}$")
     api_token: str | None = None
     insecure_no_auth: bool = False
+    # An inventory host `local` is this very machine (the archiver's or snapshotter's own),
+    # reached without SSH: for the demo and the tests only, never by default.
+    allow_local_hosts: bool = False
 
     # Snapshotter: COW size = share of the origin (doubled on each retry after a COW filled
     # up), from an LV in snapshot_cow_vg when set, else a loop-mounted file in snapshot_cow_dir
