@@ -211,7 +211,8 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         except PermanentError as error:
             log.warning("%s: %s %s failed for good: %s", self.spec.name, envelope.type,
                         envelope.id, error)
-            self._give_up(message, event, envelope, error, "permanent", attempts + 1)
+            reason = str(getattr(error, "dead_letter_reason", "permanent"))
+            self._give_up(message, event, envelope, error, reason, attempts + 1)
         except Exception as error:  # noqa: BLE001 - anything else is worth another try
             attempts += 1
             detail = "".join(traceback.format_exception_only(error)).strip()

@@ -19,6 +19,13 @@ class PermanentError(FerryError):
     """Retrying cannot help: bad input, a missing entity, a refused host key. Dead-letter."""
 
 
+class UnknownMigrationError(PermanentError):
+    """An event about a migration this service never heard of: believed by nobody, so no
+    phantom migration appears; dead-lettered with reason `unknown`."""
+
+    dead_letter_reason = "unknown"
+
+
 class ConfigurationError(PermanentError):
     """A setting is missing or wrong."""
 

@@ -31,6 +31,7 @@ from shared.contracts import (
     TransferFailed,
 )
 from shared.envelope import Envelope
+from shared.errors import UnknownMigrationError
 from shared.runtime import Context, Handler
 
 # What an event says about the migration as a whole; other events leave the status alone.
@@ -73,12 +74,10 @@ def _move_migration(connection: Connection, event: Event, envelope: Envelope) ->
     if isinstance(event, MigrationResolved):
         changes["allocations"] = event.allocations
     if current is None:
-        connection.execute(insert(migrations).values(
-            id=envelope.migration_id, customer_id=getattr(event, "customer_id", ""),
-            status=status or "submitted", reason=reason, created_at=now, updated_at=now,
-            **changes,
-        ))
-        return
+        # Intake stores every migration it accepts before announcing it: an event about any
+        # other id is forged or misrouted, and must not make a migration appear.
+        raise UnknownMigrationError(f"{envelope.type} {envelope.id} is about migration "
+                                    f"{envelope.migration_id!r}, which intake never accepted")
     if status and current not in FINAL:
         changes.update(status=status, reason=reason)
     if changes:

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from services.intake.handlers import HANDLERS
-from services.intake.tables import migration_events
+from services.intake.tables import migration_events, migrations
 from shared import runtime
 from shared.contracts import (
     ArchiveCompleted,
@@ -62,9 +62,21 @@ def at(seconds: float, event: Event, migration_id: str) -> Envelope:
 
 def deliver(intake: Intake, *envelopes: Envelope) -> list[bool]:
     """What the consumer does with each message: the registered handler, through the
-    runtime; False for each message the inbox had seen."""
+    runtime; False for each message the inbox had seen. Each migration named was accepted
+    first, as POST /migrations does (intake believes no event about any other)."""
     units = Units(intake.engine)
+    for migration_id in dict.fromkeys(e.migration_id for e in envelopes):
+        accepted(intake, migration_id)
     return [runtime.deliver(HANDLERS[e.type], e.event(), e, units) for e in envelopes]
+
+
+def accepted(intake: Intake, migration_id: str) -> None:
+    with intake.engine.begin() as connection:
+        if connection.execute(select(migrations.c.id).where(
+                migrations.c.id == migration_id)).first() is None:
+            connection.execute(insert(migrations).values(
+                id=migration_id, customer_id="c", status="submitted", document="{}",
+                created_at=0.0, updated_at=0.0))
 
 
 def status(intake: Intake, migration_id: str) -> dict[str, Any]:
