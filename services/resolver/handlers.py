@@ -7,13 +7,15 @@ commits in the runtime's one transaction, or nothing does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from services.resolver.allocation import Allocator, PoolExhaustedError
 from services.resolver.inventory import Inventory
@@ -49,6 +51,8 @@ def resolve_migration(event: MigrationSubmitted, ctx: Context[Resolver]) -> None
     """
     resolver, migration_id = ctx.deps, ctx.migration_id
     document = _parse(event, migration_id)
+    digest = document_digest(event.document)
+    _refuse_another_document(ctx.connection, migration_id, event.customer_id, digest)
     if resolver.inventory is None:
         raise ConfigurationError("FERRY_INVENTORY is not set: the resolver cannot read the "
                                  "old site's inventory")
@@ -67,11 +71,39 @@ def resolve_migration(event: MigrationSubmitted, ctx: Context[Resolver]) -> None
         customer_id=event.customer_id, allocations=allocated.as_payload(),
         resolved_document=resolve_document(document, allocated), jobs=plan.jobs)
     _emit(ctx, resolved, plan)
-    _record(ctx.connection, migration_id, event.customer_id, ctx.envelope.id, resolved)
+    _record(ctx.connection, migration_id, event.customer_id, ctx.envelope.id, resolved, digest)
+
+
+class ConflictingSubmissionError(PermanentError):
+    """A migration.submitted for a migration id already resolved from another document (or
+    for another customer): refused, and the migration that has the id is left alone."""
+
+
+def document_digest(document: Any) -> str:
+    """sha256 of the document's canonical JSON (key order and spacing do not count)."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _refuse_another_document(connection: Connection, migration_id: str, customer_id: str,
+                             digest: str) -> None:
+    known = connection.execute(
+        select(resolutions.c.customer_id, resolutions.c.document_sha256)
+        .where(resolutions.c.migration_id == migration_id).with_for_update()).first()
+    if known is None:
+        return
+    if known.customer_id != customer_id or known.document_sha256 not in (None, digest):
+        raise ConflictingSubmissionError(
+            f"migration {migration_id} was resolved from another document (customer "
+            f"{known.customer_id!r}); a submission reusing its id is refused")
 
 
 def fail_migration(event: Any, ctx: Context[Resolver], error: BaseException) -> None:
-    """The bus gave up on a message: say migration.failed once, naming what went wrong."""
+    """The bus gave up on a message: say migration.failed once, naming what went wrong —
+    but never about a migration whose id a conflicting submission tried to reuse."""
+    if isinstance(error, ConflictingSubmissionError):
+        log.error("resolver: %s", error)
+        return
     reason = str(error) if isinstance(error, PermanentError) else (
         f"gave up retrying: {type(error).__name__}: {error}")
     ctx.emit(MigrationFailed(stage=STAGE, reason=reason))
@@ -98,8 +130,9 @@ def _emit(ctx: Context[Resolver], resolved: MigrationResolved, plan: Plan) -> No
 
 
 def _record(connection: Connection, migration_id: str, customer_id: str,
-            message_id: uuid.UUID, resolved: MigrationResolved) -> None:
+            message_id: uuid.UUID, resolved: MigrationResolved, digest: str) -> None:
     values = {"migration_id": migration_id, "customer_id": customer_id,
+              "document_sha256": digest,
               "message_id": str(message_id), "allocations": resolved.allocations,
               "jobs": [job.model_dump(mode="json") for job in resolved.jobs],
               "resolved_at": time.time()}
@@ -109,7 +142,8 @@ def _record(connection: Connection, migration_id: str, customer_id: str,
         index_elements=[resolutions.c.migration_id],
         set_={"message_id": insert.excluded.message_id, "jobs": insert.excluded.jobs,
               "allocations": insert.excluded.allocations,
-              "resolved_at": insert.excluded.resolved_at}))
+              "resolved_at": insert.excluded.resolved_at,
+              "document_sha256": insert.excluded.document_sha256}))
 
 
 HANDLERS: dict[str, Handler] = {MigrationSubmitted.TYPE: resolve_migration}

@@ -104,4 +104,6 @@ resolutions = Table(
     Column("allocations", JSON, nullable=False),
     Column("jobs", JSON, nullable=False),
     Column("resolved_at", Float, nullable=False),
+    # sha256 of the document's canonical JSON: a migration id is resolved from one document
+    Column("document_sha256", String(64), nullable=True),
 )

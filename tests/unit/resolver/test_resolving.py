@@ -13,7 +13,12 @@ from sqlalchemy import Engine, func, select
 
 from services.resolver import SCHEMA as RESOLVER_SCHEMA
 from services.resolver.allocation import Allocator
-from services.resolver.handlers import Resolver, fail_migration, resolve_migration
+from services.resolver.handlers import (
+    ConflictingSubmissionError,
+    Resolver,
+    fail_migration,
+    resolve_migration,
+)
 from services.resolver.inventory import FileInventory, UnknownEntityError
 from services.resolver.pools import Pools, seed_pools
 from services.resolver.tables import internal_ips, name_sequences, names, public_ips, vlans
@@ -144,6 +149,27 @@ def test_replayed_migration_gets_the_same_allocations_again(site: Site) -> None:
     assert len(events) == 2 and events[1]["payload"] == first
     assert site.held_by("m-replay") == 16
     assert site.counters() == {"tm21-e": 52, "tm21-s": 107}
+
+
+def test_submission_reusing_a_migration_id_with_another_document_is_refused(
+        site: Site) -> None:
+    # Given a resolved migration of cust-a
+    site.handle(submitted(example_document("cust-a"), "m-taken"))
+    first = resolved_payload(site, "m-taken")
+    events_before = len(site.events())
+    # When a migration.submitted reuses its id with another customer's document, and with
+    # the same customer's document changed (more public IPs)
+    for other in (example_document("cust-b"), example_document("cust-a", public_ips=2)):
+        envelope = submitted(other, "m-taken")
+        with pytest.raises(ConflictingSubmissionError, match="m-taken"):
+            site.handle(envelope)
+        # Then the failure hook says nothing about the migration that has the id
+        deliver_failure(fail_migration, envelope.event(), envelope,
+                        ConflictingSubmissionError("refused"), site.units, site.resolver)
+    # And nothing of it changed: allocations, what it holds, no event
+    assert len(site.events()) == events_before
+    assert resolved_payload(site, "m-taken") == first
+    assert site.held_by("m-taken") == 16
 
 
 def test_customers_second_migration_keeps_its_vlan_and_gets_fresh_names(site: Site) -> None:
