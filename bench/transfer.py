@@ -154,6 +154,7 @@ class Bench:
         self.runs += 1
         values: dict[str, object] = {
             "broker_url": "memory://", "state_dir": self.work / f"state-{self.runs}",
+            "staging_dir": source.parent,
             "destination": f"{self.server.user}@{self.server.host}:{self.server.port}:"
                            f"{self.work / 'service'}",
             "ssh_key_path": self.server.user_key_path,

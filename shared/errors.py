@@ -26,6 +26,13 @@ class UnknownMigrationError(PermanentError):
     dead_letter_reason = "unknown"
 
 
+class RefusedEventError(PermanentError):
+    """An event a service will not believe: it names what is not the sender's to name (a
+    file outside staging, another archive's place). No effect, dead-lettered as `refused`."""
+
+    dead_letter_reason = "refused"
+
+
 class ConfigurationError(PermanentError):
     """A setting is missing or wrong."""
 

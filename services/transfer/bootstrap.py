@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.transfer import SCHEMA
 from services.transfer.destination import parse_destination, ssh_identity
-from services.transfer.handlers import HANDLERS, ON_FAILURE
+from services.transfer.handlers import HANDLERS, ON_FAILURE, Receiving
 from services.transfer.jobs import (
     TransferContext,
     TransferLeases,
@@ -42,4 +42,5 @@ def bootstrap(settings: Settings, *, concurrency: int | None = None,
         name="transfer-jobs", fail=fail_transfer, concurrency=concurrency or settings.concurrency,
         poll_seconds=settings.job_poll_seconds, on_stop=context.stop)
     return Service(NAME, settings, units, QueueSpec(queue_name(NAME), routing_keys(HANDLERS)),
-                   HANDLERS, deps=destination, on_failure=ON_FAILURE, workers=[worker])
+                   HANDLERS, deps=Receiving(destination, settings.staging_dir.absolute()),
+                   on_failure=ON_FAILURE, workers=[worker])

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from services.transfer import ledger
 from services.transfer.destination import Destination, safe_component
 from services.transfer.tables import transfer_migrations, transfer_requests, transfers
 from shared.contracts import ArchiveCompleted, ArchiveFailed, MigrationResolved, TransferFailed
 from shared.db import insert_ignoring_conflicts
-from shared.errors import PermanentError
+from shared.errors import PermanentError, RefusedEventError
 from shared.jobs import DONE, FAILED, new_job_values
 from shared.runtime import Context, Handler
 
@@ -29,7 +30,26 @@ def transfer_id(migration_id: str, archive_id: str) -> str:
     return f"tr-{digest[:40]}"
 
 
-def record_expected_requests(event: MigrationResolved, ctx: Context[Destination]) -> None:
+@dataclass(frozen=True)
+class Receiving:
+    """What the handlers need: the destination archives go to, and this datacenter's
+    staging, the only place an archive may be sent from."""
+
+    destination: Destination
+    staging: Path
+
+
+def staged(path: str, staging: Path, archive_id: str) -> Path:
+    """The archive's staging file, symlinks resolved; raises RefusedEventError when it is
+    not inside `staging`."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(staging.resolve()):
+        raise RefusedEventError(f"archive {archive_id}: {path} is not in the staging "
+                                f"directory {staging}: refused")
+    return resolved
+
+
+def record_expected_requests(event: MigrationResolved, ctx: Context[Receiving]) -> None:
     """Remember every archive request of the migration: it completes when all transferred."""
     connection, migration_id = ctx.connection, ctx.migration_id
     ledger.lock_migration(connection, migration_id)
@@ -43,16 +63,20 @@ def record_expected_requests(event: MigrationResolved, ctx: Context[Destination]
     ledger.complete_if_done(connection, ctx.outbox, migration_id, ctx.envelope)
 
 
-def record_archive(event: ArchiveCompleted, ctx: Context[Destination]) -> None:
+def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     """A transfer job for the archive (one per migration) to the destination, linked to
-    this request. Raises UnsafeNameError, PermanentError for a path it will not send."""
+    this request. Raises UnsafeNameError, PermanentError for a path it will not send,
+    RefusedEventError for an event that names another archive's place or a file outside
+    staging."""
     connection, migration_id = ctx.connection, ctx.migration_id
     safe_component(migration_id, "migration id")
     safe_component(event.file_name, "archive file name")
     if not PurePosixPath(event.path).is_absolute():
         raise PermanentError(f"archive {event.archive_id}: staging path {event.path!r} "
                              "is not absolute")
+    staged(event.path, ctx.deps.staging, event.archive_id)
     job_id = transfer_id(migration_id, event.archive_id)
+    _refuse_another_archive(connection, migration_id, job_id, event)
     payload = {"archive_id": event.archive_id, "path": event.path,
                "file_name": event.file_name, "sha256": event.sha256,
                "bytes": event.compressed_bytes, "datacenter": event.datacenter,
@@ -60,7 +84,7 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Destination]) -> None:
     # the job row before the migration's lock, as the worker takes them (see ledger)
     insert_ignoring_conflicts(connection, transfers, new_job_values(
         job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,
-        archive_id=event.archive_id, destination=ctx.deps.text, verify_failures=0))
+        archive_id=event.archive_id, destination=ctx.deps.destination.text, verify_failures=0))
     ledger.lock_migration(connection, migration_id)
     ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
                        archive_id=event.archive_id, job_id=job_id, state=ledger.TRANSFERRING)
@@ -71,7 +95,27 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Destination]) -> None:
         ledger.announce_failed(connection, ctx.outbox, job, job.error or "failed", ctx.envelope)
 
 
-def record_archive_failure(event: ArchiveFailed, ctx: Context[Destination]) -> None:
+def _refuse_another_archive(connection: Connection, migration_id: str, job_id: str,
+                            event: ArchiveCompleted) -> None:
+    """A file name at the destination belongs to one archive, and a request transferred
+    stays transferred: nothing replaces a copy already sent (and verified)."""
+    t, r = transfers, transfer_requests
+    other = connection.execute(select(t.c.archive_id).where(
+        t.c.migration_id == migration_id, t.c.id != job_id,
+        t.c.payload["file_name"].as_string() == event.file_name)).first()
+    if other is not None:
+        raise RefusedEventError(f"archive {event.archive_id}: {event.file_name} is archive "
+                                f"{other.archive_id}'s name at the destination: refused")
+    done = connection.execute(select(r.c.archive_id).where(
+        r.c.migration_id == migration_id, r.c.request_id == event.request_id,
+        r.c.state == ledger.TRANSFERRED)).first()
+    if done is not None and done.archive_id != event.archive_id:
+        raise RefusedEventError(f"request {event.request_id} was transferred as archive "
+                                f"{done.archive_id}; archive {event.archive_id} for it is "
+                                f"refused")
+
+
+def record_archive_failure(event: ArchiveFailed, ctx: Context[Receiving]) -> None:
     """An archive that will never come fails its migration (once)."""
     if event.will_retry:
         return
@@ -83,10 +127,11 @@ def record_archive_failure(event: ArchiveFailed, ctx: Context[Destination]) -> N
                           f"{event.kind} {event.request_id}: {event.reason}", ctx.envelope)
 
 
-def record_failed_message(event: Any, ctx: Context[Destination], error: BaseException) -> None:
+def record_failed_message(event: Any, ctx: Context[Receiving], error: BaseException) -> None:
     """The bus's failure hook: an archive.completed that cannot be recorded (say, a file name
-    unfit for the destination) fails its request and migration instead of vanishing."""
-    if not isinstance(event, ArchiveCompleted):
+    unfit for the destination) fails its request and migration instead of vanishing. One
+    refused as untrustworthy changes nothing: it is only dead-lettered."""
+    if not isinstance(event, ArchiveCompleted) or isinstance(error, RefusedEventError):
         return
     connection, migration_id, reason = ctx.connection, ctx.migration_id, str(error)
     ledger.lock_migration(connection, migration_id)

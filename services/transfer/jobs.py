@@ -107,7 +107,8 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
     remote = destination.file_path(job.migration_id, job.payload["file_name"])
     attempt = Attempt.start(lease)
     try:
-        check_source(source, size, job.archive_id)
+        check_source(source, size, job.payload["sha256"], job.archive_id,
+                     settings.staging_dir.absolute())
         host = ctx.hosts.get(job.destination)
         host.run(["mkdir", "-p", "--", posixpath.dirname(remote)],
                  timeout=settings.ssh_connect_timeout + 30)
@@ -142,16 +143,35 @@ def resend_from_zero(lease: Lease, attempt: Attempt, reason: str) -> RetryIn:
                    record=attempt.ended(Ending.SHA256_MISMATCH, reason))
 
 
-def check_source(source: Path, size: int, archive_id: str) -> None:
-    """Raises PermanentError when the staging file is gone or not the recorded size."""
+def check_source(source: Path, size: int, sha256: str, archive_id: str,
+                 staging: Path) -> None:
+    """The staging file is the archive the archiver recorded, re-checked before anything is
+    sent: inside staging, its size, its sha256. Raises PermanentError when it is not."""
+    if not source.resolve().is_relative_to(staging.resolve()):
+        raise PermanentError(f"archive {archive_id}: {source} is not in the staging directory "
+                             f"{staging}")
     try:
         actual = source.stat().st_size
+        if actual == size:
+            digest = file_sha256(source)
     except OSError as error:
         raise PermanentError(f"archive {archive_id}: staging file {source} is unreadable: "
                              f"{error.strerror}") from error
     if actual != size:
         raise PermanentError(f"archive {archive_id}: staging file {source} has {actual} bytes, "
                              f"archive.completed recorded {size}")
+    if digest != sha256:
+        raise PermanentError(f"archive {archive_id}: staging file {source} has sha256 {digest}, "
+                             f"archive.completed recorded {sha256}")
+
+
+def file_sha256(path: Path) -> str:
+    """Raises OSError."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def send(ctx: TransferContext, lease: Lease, destination: Destination, source: Path,
@@ -186,14 +206,10 @@ def sha256_at(destination: Destination, host: Host, path: str, size: int,
               settings: Settings) -> str:
     """The sha256 of the file at the destination (sha256sum over SSH, or hashlib here)."""
     if destination.is_local:
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as file:
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
+            return file_sha256(Path(path))
         except OSError as error:
             raise TransientError(f"cannot read {path} to hash it: {error}") from error
-        return digest.hexdigest()
     for hasher in HASHERS:
         result = host.run([*hasher, path], ok_exits=(0, 127),
                           timeout=settings.transfer_timeout_seconds + size / HASH_BYTES_PER_S)

@@ -56,7 +56,7 @@ def make_archive(directory: Path, size: int, name: str = "a1.tar.zst") -> tuple[
 
 def remote_settings(server: SshServer, root: Path, tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "broker_url": "memory://", "state_dir": tmp_path / "state",
+        "broker_url": "memory://", "state_dir": tmp_path / "state", "staging_dir": tmp_path,
         "destination": f"{server.user}@{server.host}:{server.port}:{root}",
         "ssh_key_path": server.user_key_path, "ssh_known_hosts_path": server.known_hosts_path,
         "ssh_connect_timeout": 5, "outbox_poll_seconds": 0.1, "job_poll_seconds": 0.1,
@@ -301,7 +301,7 @@ def test_local_destination_of_the_embedded_default_uses_the_same_path(
 ) -> None:
     # Given no FERRY_DESTINATION: the embedded default's local directory
     settings = Settings(broker_url="memory://", state_dir=tmp_path / "state",
-                        outbox_poll_seconds=0.1, job_poll_seconds=0.1)
+                        staging_dir=tmp_path, outbox_poll_seconds=0.1, job_poll_seconds=0.1)
     source, digest = make_archive(tmp_path, 4 * MiB)
     service, migration = send_one(settings, services, source, digest)
     # Then the archive is copied by rsync there and verified
@@ -311,7 +311,7 @@ def test_local_destination_of_the_embedded_default_uses_the_same_path(
     assert len(emitted(service, "migration.completed")) == 1
 
 
-def test_copy_that_never_matches_the_recorded_sha256_fails_after_one_resend(
+def test_staging_file_whose_sha256_is_not_the_recorded_one_is_never_sent(
     server: SshServer, tmp_path: Path, services: list[Service],
 ) -> None:
     # Given an archive.completed whose sha256 is not its staging file's
@@ -319,11 +319,11 @@ def test_copy_that_never_matches_the_recorded_sha256_fails_after_one_resend(
     root = tmp_path / "new-site"
     service, migration = send_one(remote_settings(server, root, tmp_path), services, source,
                                   "0" * 64)
-    # Then the copy is removed and resent from zero once, then the transfer fails, naming why
+    # Then the transfer fails before anything is sent, naming both digests
     job = wait_job(service, "a1", "failed")
-    assert [a.outcome for a in attempts(service, job.id)] == ["sha256_mismatch", "failed"]
-    assert "again after a resend from zero" in job.error
-    assert emitted(service, "transfer.failed")[0]["payload"]["attempts"] == 2
+    assert [a.outcome for a in attempts(service, job.id)] == ["failed"]
+    assert "has sha256" in job.error and "recorded " + "0" * 64 in job.error
+    assert emitted(service, "transfer.failed")[0]["payload"]["attempts"] == 1
     assert not (root / migration.id / source.name).exists()
 
 

@@ -97,6 +97,7 @@ def test_worker_killed_mid_transfer_is_replaced_and_migration_completes_once(
         "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_TRANSFER_BWLIMIT_KBPS": "8192",
         "FERRY_TRANSFER_PROGRESS_SECONDS": "0.5", "FERRY_TRANSFER_BACKOFF_SECONDS": "0.2",
         "FERRY_STATE_DIR": str(tmp_path / "state"), "PYTHONPATH": str(ROOT),
+        "FERRY_STAGING_DIR": str(tmp_path),
     }
     engine = make_engine(pg_url)
     with connect(rabbit_url) as connection:

@@ -3,6 +3,7 @@ attempt returns is applied by the one retry policy, with the destination host fa
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ class UnreachableHost:
 def service(tmp_path: Path) -> Iterator[Service]:
     """The transfer service, not started, allowed two attempts a transfer, no waits between."""
     settings = Settings(broker_url="memory://", state_dir=tmp_path / "state",
-                        transfer_attempts=2, transfer_backoff_seconds=1e-6)
+                        staging_dir=tmp_path, transfer_attempts=2, transfer_backoff_seconds=1e-6)
     service = bootstrap(settings, hosts=HostPool(lambda _: UnreachableHost()))
     yield service
     service.engine.dispose()
@@ -46,7 +47,9 @@ def service(tmp_path: Path) -> Iterator[Service]:
 def given_one_archive(service: Service, tmp_path: Path) -> None:
     staging = tmp_path / "a1.tar.zst"
     staging.write_bytes(b"x" * 1000)
-    for envelope in (resolved("r1"), completed("r1", "a1", size=1000, path=str(staging))):
+    digest = hashlib.sha256(b"x" * 1000).hexdigest()
+    for envelope in (resolved("r1"), completed("r1", "a1", size=1000, path=str(staging),
+                                               sha256=digest)):
         service.deliver(envelope.event(), envelope)
 
 

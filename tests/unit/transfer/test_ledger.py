@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from services.transfer import SCHEMA as TRANSFER_SCHEMA
 from services.transfer.attempts import Attempt
 from services.transfer.destination import UnsafeNameError, parse_destination
-from services.transfer.handlers import HANDLERS, ON_FAILURE, transfer_id
+from services.transfer.handlers import HANDLERS, ON_FAILURE, Receiving, transfer_id
 from services.transfer.jobs import TransferLeases, fail_transfer, transferred
 from services.transfer.tables import transfer_requests, transfers
 from shared import runtime
@@ -38,6 +38,7 @@ from shared.settings import Settings
 SHA = "ab" * 32
 DEST = "/srv/dest"
 DESTINATION = parse_destination(DEST, Settings())
+RECEIVING = Receiving(DESTINATION, Path("/staging"))
 
 
 @pytest.fixture
@@ -56,19 +57,19 @@ def resolved(*request_ids: str, migration: str = "m-1") -> Envelope:
 
 
 def completed(request_id: str, archive_id: str, *, size: int = 1000, file_name: str = "",
-              migration: str = "m-1", path: str = "") -> Envelope:
+              migration: str = "m-1", path: str = "", sha256: str = SHA) -> Envelope:
     now = datetime.now(UTC)
     event = ArchiveCompleted(
         datacenter="ey04", request_id=request_id, archive_id=archive_id, kind="shared_fs",
         reuse_key=archive_id, path=path or f"/staging/{archive_id}.tar.zst",
         file_name=file_name or f"{archive_id}.tar.zst", raw_bytes=size, compressed_bytes=size,
-        sha256=SHA, started_at=now, finished_at=now)
+        sha256=sha256, started_at=now, finished_at=now)
     return Envelope.wrap(event, migration_id=migration)
 
 
 def deliver(units: Units, envelope: Envelope) -> bool:
     """Handle one message as the consumer would; False for a duplicate."""
-    return runtime.deliver(HANDLERS[envelope.type], envelope.event(), envelope, units, DESTINATION)
+    return runtime.deliver(HANDLERS[envelope.type], envelope.event(), envelope, units, RECEIVING)
 
 
 def finish(units: Units, migration: str, archive_id: str) -> None:
@@ -160,7 +161,7 @@ def test_archive_named_unsafely_is_refused_and_fails_its_request(units: Units) -
     # And the bus's failure hook turns it into transfer.failed and migration.failed
     event: Event = envelope.event()
     assert runtime.deliver_failure(ON_FAILURE, event, envelope, UnsafeNameError("bad name"),
-                                   units, DESTINATION)
+                                   units, RECEIVING)
     assert events(units, "transfer.failed")[0]["payload"]["reason"] == "bad name"
     assert events(units, "migration.failed")[0]["payload"]["stage"] == "transfer"
 
