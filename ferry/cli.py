@@ -19,6 +19,7 @@ from services.intake import commands as intake_commands
 from services.resolver import commands as resolver_commands
 from services.snapshotter import commands as snapshotter_commands
 from services.transfer import commands as transfer_commands
+from shared.bus import declare_standing
 from shared.runner import run_until_stopped
 from shared.settings import SERVICES, Settings
 from shared.topology import FIXED_QUEUES
@@ -135,12 +136,23 @@ def db_upgrade(
 def topology(
     markdown: Annotated[bool, typer.Option(help="print docs/events.md instead of tables")]
     = False,
+    declare: Annotated[bool, typer.Option(
+        "--declare", help="declare every service's queues on FERRY_BROKER_URL (and "
+                          "archiver.<DC> for each --datacenter)")] = False,
+    datacenter: Annotated[list[str] | None, typer.Option(
+        "--datacenter", "-d", help="with --declare: a datacenter whose archiver queue to "
+                                   "declare (repeatable)")] = None,
 ) -> None:
     """Show the event map, read from the code: who emits each event, who consumes it, and
-    the queues each service declares."""
+    the queues each service declares. With --declare, declare them on the broker."""
     from ferry.event_map import render_markdown, render_tables
 
     settings = Settings()
+    if declare:
+        count = declare_standing(settings.broker_url, settings, datacenter or ())
+        console.print(f"declared {count} work queue(s) with their bindings and dead-letter "
+                      f"queues on {settings.broker_url.split('@')[-1]}")
+        return
     delays = tuple(settings.retry_delays)
     if markdown:
         sys.stdout.write(render_markdown(settings.delivery_limit, delays))

@@ -12,6 +12,7 @@ crash at any point leaves the message in one queue or another, never nowhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from kombu.mixins import ConsumerMixin
 
 from shared.contracts import Event
 from shared.envelope import Envelope
-from shared.errors import MalformedMessageError, PermanentError
+from shared.errors import MalformedMessageError, PermanentError, TransientError
 from shared.retry import RetryPolicy
 from shared.settings import Settings
 from shared.topology import (
@@ -41,6 +42,8 @@ from shared.topology import (
     attempts_of,
     dead_queue,
     retry_queue,
+    standing_queues,
+    work_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -69,17 +72,29 @@ def supports_ttl(connection: Connection) -> bool:
     return str(connection.transport.driver_type) in {"amqp", "pyamqp"}
 
 
+class UnroutableError(TransientError):
+    """The broker returned a mandatory message: no queue is bound for its routing key (yet)."""
+
+
 class Publisher:
-    """Publishes raw JSON bodies with confirms over its own connection. Not thread-safe."""
+    """Publishes raw JSON bodies with confirms over its own connection, `mandatory` on AMQP:
+    a message no queue would take is returned by the broker and raises UnroutableError,
+    instead of vanishing. Not thread-safe."""
 
     def __init__(self, url: str) -> None:
         self._connection = connect(url, confirm=True)
         self._producer: Producer | None = None
+        self._mandatory = supports_ttl(self._connection)  # AMQP; the memory transport has none
+        self._returned: list[str] = []
 
     def _get_producer(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(self._connection.channel())
+            self._producer = Producer(self._connection.channel(), on_return=self._on_return)
         return self._producer
+
+    def _on_return(self, exception: Any, exchange: Any, routing_key: str, message: Any) -> None:
+        # py-amqp delivers basic.return before the confirm of the same message
+        self._returned.append(routing_key)
 
     def publish(
         self,
@@ -91,11 +106,17 @@ class Publisher:
         declare: Iterable[Queue] = (),
         content_encoding: str = "utf-8",
     ) -> None:
-        """Publish and wait for the broker's confirm. Raises kombu/amqp errors on failure."""
+        """Publish and wait for the broker's confirm. Raises UnroutableError when the broker
+        returned it (no queue bound), kombu/amqp errors on failure."""
         ensure = self._connection.ensure(
             self, self._publish_once, max_retries=3, interval_start=0.2, interval_step=0.5
         )
+        self._returned.clear()
         ensure(body, routing_key, exchange, dict(headers or {}), list(declare), content_encoding)
+        if self._returned:
+            self._returned.clear()
+            name = getattr(exchange, "name", exchange) or "the default exchange"
+            raise UnroutableError(f"no queue is bound for {routing_key!r} on {name}")
 
     def _publish_once(
         self, body: bytes | str, routing_key: str, exchange: Any, headers: dict[str, Any],
@@ -110,6 +131,7 @@ class Publisher:
             content_encoding=content_encoding,
             delivery_mode=2,
             declare=declare,
+            mandatory=self._mandatory,
         )
 
     def revive(self, channel: Any) -> None:
@@ -118,6 +140,29 @@ class Publisher:
 
     def close(self) -> None:
         self._connection.release()
+
+
+def declare_standing(url: str, settings: Settings, datacenters: Iterable[str] = ()) -> int:
+    """Declare every fixed work queue (and the archiver queue of each of `datacenters`) with
+    its bindings and dead-letter queue, so an event published before its consumer started
+    waits for it. Idempotent; returns how many work queues were declared. A queue that
+    exists with other arguments (another delivery limit) is left as it is, with a warning.
+    Raises kombu/amqp connection errors."""
+    declared = 0
+    with connect(url) as connection:
+        for spec in standing_queues(datacenters):
+            channel = connection.channel()
+            try:
+                work_queue(spec, settings.delivery_limit)(channel).declare()
+                dead_queue(spec.name)(channel).declare()
+                declared += 1
+            except connection.channel_errors as error:
+                log.warning("queue %s exists with other arguments, left as it is: %s",
+                            spec.name, error)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    return declared
 
 
 def declare_topology(url: str, spec: QueueSpec, settings: Settings) -> None:

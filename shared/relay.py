@@ -1,7 +1,9 @@
 """The outbox relay: publishes committed outbox rows with publisher confirms, in order.
 
 A row is marked published only after the broker confirmed it, so a crash at any point
-republishes at most a few rows on restart; consumers' inboxes make that harmless.
+republishes at most a few rows on restart; consumers' inboxes make that harmless. A row the
+broker returns (published `mandatory`, no queue bound for it yet) stays unpublished and is
+tried again, loudly logged, until its consumer's queue exists.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from kombu import Queue
 from sqlalchemy import Engine, select, update
 
-from shared.bus import Publisher
+from shared.bus import Publisher, UnroutableError
 from shared.db import is_postgres
 from shared.inbox_outbox import outbox_table
 from shared.topology import dead_queue, standing_queue, work_queue
@@ -35,6 +37,7 @@ class OutboxRelay:
         self.published = 0
         self._delivery_limit = delivery_limit
         self._standing: set[str] = set()
+        self._held: dict[int, tuple[float, float]] = {}  # seq -> (next try, last wait)
 
     def wake(self) -> None:
         """Publish soon: called after a transaction that added outbox rows committed."""
@@ -43,9 +46,11 @@ class OutboxRelay:
     def publish_pending(self, publisher: Publisher) -> int:
         """Publish one batch of unpublished rows; returns how many. Raises on broker errors."""
         t = outbox_table
+        now = time.monotonic()
+        waiting = [seq for seq, (until, _) in self._held.items() if until > now]
         query = (
             select(t.c.seq, t.c.routing_key, t.c.body)
-            .where(t.c.published_at.is_(None))
+            .where(t.c.published_at.is_(None), t.c.seq.not_in(waiting))
             .order_by(t.c.seq)
             .limit(self._batch)
         )
@@ -54,16 +59,30 @@ class OutboxRelay:
             query = query.with_for_update(skip_locked=True)
         with self._engine.begin() as connection:
             rows = connection.execute(query).all()
+            sent = []
             for row in rows:
-                publisher.publish(row.body.encode(), routing_key=row.routing_key,
-                                  declare=self._standing_queues(row.routing_key))
-            if rows:
+                try:
+                    publisher.publish(row.body.encode(), routing_key=row.routing_key,
+                                      declare=self._standing_queues(row.routing_key))
+                except UnroutableError as error:
+                    self._hold(row.seq, row.routing_key, error, now)
+                    continue
+                self._held.pop(row.seq, None)
+                sent.append(row.seq)
+            if sent:
                 connection.execute(
-                    update(t).where(t.c.seq.in_([r.seq for r in rows]))
-                    .values(published_at=time.time())
-                )
-        self.published += len(rows)
-        return len(rows)
+                    update(t).where(t.c.seq.in_(sent)).values(published_at=time.time()))
+        self.published += len(sent)
+        return len(sent)
+
+    def _hold(self, seq: int, routing_key: str, error: Exception, now: float) -> None:
+        """Keep a returned row unpublished, and try it again later, less often each time
+        (1 s, doubling to 30 s): its consumer's queue is declared when that service starts."""
+        _, wait = self._held.get(seq, (0.0, 0.5))
+        wait = min(30.0, wait * 2)
+        self._held[seq] = (now + wait, wait)
+        log.warning("%s: outbox row %d (%s) was returned by the broker, kept to publish "
+                    "again in %.0fs: %s", self._name, seq, routing_key, wait, error)
 
     def _standing_queues(self, routing_key: str) -> list[Queue]:
         # An event for a datacenter whose workers never started would match no queue and be

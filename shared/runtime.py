@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from shared.bus import ServiceConsumer, declare_topology
+from shared.bus import ServiceConsumer, declare_standing, declare_topology
 from shared.contracts import EVENTS, Event
 from shared.db import Schema, make_engine, upgrade
 from shared.envelope import Envelope
@@ -167,6 +167,9 @@ class Service:
         deliver_failure(self.on_failure, event, envelope, error, self.units, self.deps)
 
     def start(self) -> None:
+        # every service's queues, not only its own: what it publishes before the consumer
+        # ever started waits in that consumer's queue
+        declare_standing(self.settings.broker_url, self.settings)
         declare_topology(self.settings.broker_url, self.queue, self.settings)
         if self.settings.outbox_relay:
             self.relay.start()

@@ -86,6 +86,29 @@ def standing_queue(routing_key: str) -> QueueSpec | None:
                            if s == service))
 
 
+# Every fixed work queue and what it is bound to. Every service declares all of them at start
+# (shared.bus.declare_standing), so no event depends on its consumer having started: what
+# intake publishes before the resolver ever ran waits in `resolver`. Each service's
+# HANDLERS must bind exactly these (tests/unit/test_topology.py).
+FIXED_BINDINGS: dict[str, tuple[str, ...]] = {
+    "intake.status": ("#",),
+    "resolver": ("migration.submitted",),
+    "snapshotter": ("snapshot.requested", "archive.completed.*", "archive.failed.*"),
+    "transfer": ("migration.resolved", "archive.completed.*", "archive.failed.*"),
+}
+
+
+def standing_queues(datacenters: Iterable[str] = ()) -> list[QueueSpec]:
+    """The queues that must exist before anything is published: the fixed ones, and the
+    archiver's queue of each datacenter named."""
+    specs = [QueueSpec(name, keys) for name, keys in FIXED_BINDINGS.items()]
+    for datacenter in datacenters:
+        spec = standing_queue(f"archive.requested.{datacenter}")
+        assert spec is not None  # noqa: S101 - archive.requested is routed by datacenter
+        specs.append(spec)
+    return specs
+
+
 def work_queue(spec: QueueSpec, delivery_limit: int) -> Queue:
     return Queue(
         spec.name,

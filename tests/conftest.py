@@ -34,13 +34,32 @@ def rabbitmqctl(*args: str) -> str:
 
 
 @pytest.fixture
-def rabbit_url() -> Iterator[str]:
-    """A fresh RabbitMQ vhost on the real broker, deleted afterwards."""
+def bare_rabbit_url() -> Iterator[str]:
+    """A fresh, empty RabbitMQ vhost on the real broker, deleted afterwards."""
     vhost = f"ferry-test-{uuid.uuid4().hex[:12]}"
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     yield f"amqp://{RABBIT_HOST}/{vhost}"
     rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def rabbit_url(bare_rabbit_url: str) -> str:
+    """A fresh vhost with the events exchange and a queue bound to every event, as the
+    deployment has in intake.status: a test that runs one service alone sees its events
+    routed (published `mandatory`, they would otherwise wait in its outbox for a consumer)."""
+    from kombu import Queue
+
+    from shared.bus import connect
+    from shared.topology import EVENTS_EXCHANGE
+
+    with connect(bare_rabbit_url) as connection:
+        channel = connection.channel()
+        EVENTS_EXCHANGE(channel).declare()
+        Queue("test.sink", exchange=EVENTS_EXCHANGE, routing_key="#", durable=True,
+              queue_arguments={"x-max-length": 100_000})(channel).declare()
+        channel.close()
+    return bare_rabbit_url
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from ferry.dlq import list_dead
+from ferry.dlq import DeadLetter, list_dead
 from services.intake.bootstrap import bootstrap
 from services.intake.handlers import HANDLERS
 from services.intake.tables import migration_events, migrations
@@ -47,9 +47,13 @@ def test_the_consumer_dead_letters_it_as_unknown(backbone: Backbone, tmp_path: P
     try:
         envelope = forged()
         publish(backbone.broker_url, envelope)
-        wait_for(lambda: list_dead(backbone.broker_url, service.queue.name),
-                 what="the forged event dead-lettered")
-        [letter] = list_dead(backbone.broker_url, service.queue.name)
+        # (the embedded broker is one per process: other tests' letters may be there too)
+        def ours() -> list[DeadLetter]:
+            return [letter for letter in list_dead(backbone.broker_url, service.queue.name)
+                    if letter.id == str(envelope.id)]
+
+        wait_for(ours, what="the forged event dead-lettered")
+        [letter] = ours()
         assert (letter.id, letter.reason) == (str(envelope.id), "unknown")
         assert "never accepted" in letter.error
         assert rows(service.engine, migrations) == 0
