@@ -24,7 +24,6 @@ from sqlalchemy import (
     Table,
     Text,
     insert,
-    select,
 )
 
 from shared.contracts import Event
@@ -58,16 +57,6 @@ outbox_table = Table(
 class Inbox:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-
-    @staticmethod
-    def seen(engine: Engine, message_id: object, handler: str) -> bool:
-        """True when (message, handler) was handled and committed before (a cheap read, so a
-        duplicate is skipped before its handler does anything outside the database)."""
-        with engine.connect() as connection:
-            return connection.execute(
-                select(inbox_table.c.message_id).where(
-                    inbox_table.c.message_id == str(message_id),
-                    inbox_table.c.handler == handler)).first() is not None
 
     def claim(self, message_id: object, handler: str) -> bool:
         """True the first time (message, handler) is seen; False for a duplicate or replay."""

@@ -1,8 +1,8 @@
 """A running service, and the lifecycle it owns: of every message and of every job.
 
 A handler is a plain function `(event, ctx) -> None` holding only its decision. The runtime
-skips a message its inbox has seen, opens the unit of work, claims the inbox under the
-handler's qualified name, calls the handler, commits on return (rolls back on raise), and
+opens the unit of work, claims the inbox under the handler's qualified name (a message seen
+before stops there), calls the handler, commits on return (rolls back on raise), and
 after the commit wakes the service's relay and job workers. A failure hook
 `(event, ctx, error) -> None` is delivered the same way when the bus gives up on a message.
 Jobs are run by `shared.jobs.JobWorker`, which applies what a job returns under the one
@@ -26,7 +26,7 @@ from shared.bus import ServiceConsumer, declare_standing, declare_topology
 from shared.contracts import EVENTS, Event
 from shared.db import Schema, make_engine, upgrade
 from shared.envelope import Envelope
-from shared.inbox_outbox import Inbox, Outbox, UnitOfWork, Units
+from shared.inbox_outbox import Outbox, UnitOfWork, Units
 from shared.jobs import JobWorker
 from shared.periodic import Periodic
 from shared.relay import OutboxRelay
@@ -91,11 +91,11 @@ def deliver_failure(hook: FailureHandler, event: Any, envelope: Envelope,
 
 def _once(name: str, call: Callable[[Context[Any]], None], envelope: Envelope, units: Units,
           deps: Any) -> bool:
-    if Inbox.seen(units.engine, envelope.id, name):
-        return False  # handled before: not even a look at the world outside the database
     with units() as uow:
+        # first in the transaction: a duplicate stops here, before the handler asks anything
+        # of the world outside the database
         if not uow.inbox.claim(envelope.id, name):
-            return False  # a concurrent delivery was first
+            return False
         call(Context(envelope, uow, deps))
         uow.commit()
     return True

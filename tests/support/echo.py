@@ -22,7 +22,7 @@ from shared.contracts import Event
 from shared.db import make_engine
 from shared.envelope import Envelope
 from shared.errors import PermanentError, TransientError
-from shared.inbox_outbox import Inbox, UnitOfWork, Units
+from shared.inbox_outbox import UnitOfWork, Units, inbox_table
 from shared.inbox_outbox import metadata as messaging
 from shared.jobs import (
     DONE,
@@ -143,7 +143,10 @@ def build(settings: Settings, db_url: str, queue: str = "echo") -> Service:
 
 def handled(engine: Engine, envelope: Envelope) -> bool:
     """True once the echo handler committed `envelope` (its inbox row is there)."""
-    return Inbox.seen(engine, envelope.id, handler_name(echo))
+    with engine.connect() as connection:
+        return connection.execute(select(inbox_table.c.message_id).where(
+            inbox_table.c.message_id == str(envelope.id),
+            inbox_table.c.handler == handler_name(echo))).first() is not None
 
 
 __all__ = ["DONE", "FAILED", "build", "effects", "failures", "flags", "handled", "jobs"]
