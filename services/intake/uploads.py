@@ -63,10 +63,12 @@ def parse_json(body: bytes) -> object:
         repeats: list[_Object] = []
 
         def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
-            parsed = _Object(pairs)
-            if parsed.repeated:
-                repeats.append(parsed)
-            return parsed
+            parsed = dict(pairs)
+            if len(parsed) == len(pairs):
+                return parsed  # the usual case: a plain dict, no Python work per key
+            repeated = _Object(pairs)
+            repeats.append(repeated)
+            return repeated
 
         parsed = json.loads(text, parse_constant=_no_constant, object_pairs_hook=hook)
     except json.JSONDecodeError as error:
@@ -105,8 +107,9 @@ def _duplicate_keys(value: object) -> list[tuple[str, str]]:
     stack: list[tuple[str, object]] = [("", value)]
     while stack:
         path, node = stack.pop()
-        if isinstance(node, _Object):
-            found.extend((path, key) for key in node.repeated)
+        if isinstance(node, dict):
+            if isinstance(node, _Object):
+                found.extend((path, key) for key in node.repeated)
             children = [(f"{path}/{_escape(k)}", v) for k, v in node.items()]
         elif isinstance(node, list):
             children = [(f"{path}/{i}", v) for i, v in enumerate(node)]
