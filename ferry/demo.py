@@ -7,7 +7,6 @@ the archives end up verified under DIR/destination/<migration>/.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import tempfile
 import time
@@ -24,6 +23,7 @@ from ferry.builders import Options, build
 from ferry.demo_site import DATACENTER, DemoSite, build_site, drop_database, mysql_address
 from ferry.loopback_sshd import SshServer, free_port
 from services.intake.stats import render_stats
+from shared.digests import file_sha256
 from shared.runtime import Service
 from shared.settings import SERVICES, Settings
 
@@ -107,14 +107,6 @@ def verify_destination(destination: Path, status: dict[str, Any], console: Conso
                       (digest or "")[:16], "[green]yes[/]" if good else "[red]NO[/]")
     console.print(table)
     return ok and bool(seen)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -9,7 +9,6 @@ permanent failure, the last attempt or a second sha256 mismatch fails the job.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 import re
@@ -28,6 +27,7 @@ from services.transfer.destination import Destination, open_host, parse_destinat
 from services.transfer.progress import ProgressReporter
 from services.transfer.tables import transfers
 from shared.db import is_postgres
+from shared.digests import file_sha256
 from shared.errors import PermanentError, ServiceStoppingError, TransientError, UnexpectedExit
 from shared.hosts import Host, HostPool, LocalExecutor
 from shared.inbox_outbox import UnitOfWork
@@ -163,15 +163,6 @@ def check_source(source: Path, size: int, sha256: str, archive_id: str,
     if digest != sha256:
         raise PermanentError(f"archive {archive_id}: staging file {source} has sha256 {digest}, "
                              f"archive.completed recorded {sha256}")
-
-
-def file_sha256(path: Path) -> str:
-    """Raises OSError."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def send(ctx: TransferContext, lease: Lease, destination: Destination, source: Path,

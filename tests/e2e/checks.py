@@ -12,9 +12,9 @@ from typing import Any
 import pymysql
 from sqlalchemy import create_engine, select
 
-from ferry.demo import file_sha256
 from services.archiver.sources import ROOT_EXCLUDES
 from services.intake.tables import migration_jobs
+from shared.digests import file_sha256
 from tests.support.trees import describe
 
 

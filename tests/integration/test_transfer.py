@@ -26,6 +26,7 @@ from shared.contracts import (
     MigrationResolved,
     PlannedJob,
 )
+from shared.digests import file_sha256
 from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
@@ -155,14 +156,6 @@ def emitted(service: Service, kind: str) -> list[dict[str, Any]]:
         return [json.loads(body) for body in bodies]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(8 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def rsync_ssh_pids() -> list[int]:
     """The ssh clients that this test process's rsyncs started (not the test sshd's tree)."""
     found = []
@@ -195,7 +188,7 @@ def test_archive_of_200_mib_is_transferred_and_verified(
     # Then the file arrives whole, its sha256 checked at the destination
     job = wait_job(service, "a1", "done")
     arrived = root / migration.id / source.name
-    assert sha256_of(arrived) == digest == job.result["sha256"]
+    assert file_sha256(arrived) == digest == job.result["sha256"]
     assert job.bytes_done == job.bytes_total == 200 * MiB
     [sent] = emitted(service, "transfer.completed")
     assert sent["payload"]["request_id"] == "r1" and sent["payload"]["bytes"] == 200 * MiB
@@ -231,7 +224,7 @@ def test_connection_killed_at_half_resumes_and_sends_less_than_60_percent_again(
     assert second.outcome == "transferred"
     assert 0.25 * size < second.bytes_sent < 0.6 * size, f"resent {second.bytes_sent} of {size}"
     assert second.literal_bytes < 0.6 * size
-    assert sha256_of(arriving) == digest
+    assert file_sha256(arriving) == digest
     assert len(emitted(service, "transfer.completed")) == 1
     progress = emitted(service, "archive.progress.ey04")
     assert progress and all(p["payload"]["stage"] == "transfer" for p in progress)
@@ -265,7 +258,7 @@ def test_corrupted_byte_at_the_destination_is_detected_and_repaired(
     outcomes = [a.outcome for a in attempts(service, job.id)]
     assert outcomes == ["transferred", "sha256_mismatch", "transferred"]
     assert "sha256 at" in attempts(service, job.id)[1].error
-    assert sha256_of(arrived) == digest
+    assert file_sha256(arrived) == digest
     assert len(emitted(service, "migration.completed")) == 1
 
 
@@ -307,7 +300,7 @@ def test_local_destination_of_the_embedded_default_uses_the_same_path(
     # Then the archive is copied by rsync there and verified
     job = wait_job(service, "a1", "done")
     arrived = tmp_path / "state" / "destination" / migration.id / source.name
-    assert sha256_of(arrived) == digest and job.result["destination"] == str(arrived)
+    assert file_sha256(arrived) == digest and job.result["destination"] == str(arrived)
     assert len(emitted(service, "migration.completed")) == 1
 
 
@@ -350,4 +343,4 @@ def test_stopped_service_gives_its_transfer_back_and_the_next_one_resumes_it(
     wait_job(second, "a1", "done")
     resumed = attempts(second, job.id)[1]
     assert resumed.outcome == "transferred" and resumed.bytes_sent < 0.9 * size
-    assert sha256_of(root / migration.id / source.name) == digest
+    assert file_sha256(root / migration.id / source.name) == digest

@@ -18,11 +18,12 @@ from services.transfer.jobs import TransferLeases
 from services.transfer.tables import transfer_attempts, transfers
 from shared.bus import connect
 from shared.db import make_engine, upgrade
+from shared.digests import file_sha256
 from shared.envelope import Envelope
 from shared.inbox_outbox import inbox_table, outbox_table
 from shared.jobs import new_job_values
 from shared.topology import EVENTS_EXCHANGE
-from tests.integration.test_transfer import MiB, Migration, make_archive, sha256_of
+from tests.integration.test_transfer import MiB, Migration, make_archive
 from tests.support.helpers import wait_for
 from tests.support.processes import ChildProcess
 from tests.support.sshd import SshServer
@@ -130,8 +131,8 @@ def test_worker_killed_mid_transfer_is_replaced_and_migration_completes_once(
         assert [(r.owner == owner, r.outcome) for r in runs] == [
             (True, "abandoned"), (False, "transferred")]
         assert runs[1].bytes_sent < 0.75 * 48 * MiB  # resumed, not restarted
-        assert sha256_of(root / migration.id / big.name) == big_sha
-        assert sha256_of(root / migration.id / small.name) == small_sha
+        assert file_sha256(root / migration.id / big.name) == big_sha
+        assert file_sha256(root / migration.id / small.name) == small_sha
         # And once every message sent is handled and every event announced is published,
         # each request was announced transferred once, the migration completed once
         wait_for(lambda: settled(engine, sent), timeout=30, what="messages handled, events out")

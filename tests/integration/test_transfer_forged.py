@@ -12,6 +12,7 @@ import pytest
 
 from ferry.dlq import DeadLetter, list_dead
 from shared.contracts import ArchiveCompleted
+from shared.digests import file_sha256
 from shared.envelope import Envelope
 from shared.runtime import Service
 from shared.settings import Settings
@@ -22,7 +23,6 @@ from tests.integration.test_transfer import (
     emitted,
     make_archive,
     services,  # noqa: F401 - the fixture
-    sha256_of,
     start,
     wait_job,
 )
@@ -35,7 +35,7 @@ def forged(migration: Migration, request_id: str, archive_id: str, path: Path,
     envelope = Envelope.wrap(ArchiveCompleted(
         datacenter="ey04", request_id=request_id, archive_id=archive_id, kind="shared_fs",
         reuse_key=archive_id, path=str(path), file_name=file_name, raw_bytes=size,
-        compressed_bytes=size, sha256=sha256_of(path), started_at=now, finished_at=now),
+        compressed_bytes=size, sha256=file_sha256(path), started_at=now, finished_at=now),
         migration_id=migration.id)
     publish(migration.broker_url, envelope)
     return envelope
@@ -55,14 +55,14 @@ def finished(tmp_path: Path, services: list[Service]) -> tuple[Service, Migratio
     wait_job(service, "a1", "done")
     wait_for(lambda: emitted(service, "migration.completed"), what="migration completed")
     arrived = tmp_path / "state" / "destination" / migration.id / source.name
-    assert sha256_of(arrived) == digest
+    assert file_sha256(arrived) == digest
     return service, migration, arrived
 
 
 def test_forged_archive_completed_are_refused_and_the_verified_copy_stays(
         finished: tuple[Service, Migration, Path], tmp_path: Path) -> None:
     service, migration, arrived = finished
-    verified, when = sha256_of(arrived), os.stat(arrived).st_mtime_ns
+    verified, when = file_sha256(arrived), os.stat(arrived).st_mtime_ns
     outside = tmp_path / "secret.txt"  # a file on the transfer host, not in staging
     outside.write_bytes(b"not an archive\n")
     other, _ = make_archive(tmp_path / "staging", 1 * MiB, "other.tar.zst")
@@ -87,7 +87,7 @@ def test_forged_archive_completed_are_refused_and_the_verified_copy_stays(
     letters = ours()
     assert {letter.reason for letter in letters.values()} == {"refused"}
     # The verified copy is untouched, nothing else was sent or failed
-    assert (sha256_of(arrived), os.stat(arrived).st_mtime_ns) == (verified, when)
+    assert (file_sha256(arrived), os.stat(arrived).st_mtime_ns) == (verified, when)
     assert sorted(p.name for p in arrived.parent.iterdir()) == [arrived.name]
     assert emitted(service, "transfer.failed") == [] == emitted(service, "migration.failed")
 

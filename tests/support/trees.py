@@ -5,12 +5,13 @@ links and holes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.digests import file_sha256
 
 NAMES = ["résumé", "日本語のファイル", "файл", "emoji-🚢", "space name", "tab\tname",
          "quote'\"name", "back\\slash", "dash-leading", "ünïcödé", "semi;colon", "$(dollar)"]
@@ -100,18 +101,10 @@ def describe(root: Path) -> dict[str, Entry]:
         else:
             group = inodes.setdefault((info.st_dev, info.st_ino), rel) if info.st_nlink > 1 else ""
             entries[rel] = Entry("file", mode, info.st_uid, info.st_gid, info.st_size,
-                                 sha256=_sha256(path), link_group=group,
+                                 sha256=file_sha256(path), link_group=group,
                                  mtime=int(info.st_mtime))
     return entries
 
 
 def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
