@@ -4,29 +4,26 @@ exactly the letters that were there when it started, once each."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
 import pytest
 
 from ferry.dlq import list_dead, replay_dead
 from shared.bus import Publisher
 from shared.runtime import Service
 from shared.topology import ATTEMPTS_HEADER, DEFAULT_EXCHANGE
-from tests.conftest import Backbone
-from tests.integration.test_backbone import count, echo_envelope, fast_settings, publish
+from tests.integration.test_backbone import (  # noqa: F401 - `running` is the fixture
+    count,
+    echo_envelope,
+    publish,
+    running,
+)
 from tests.support import echo
 from tests.support.helpers import wait_for
 
 
 @pytest.fixture
-def service(backbone: Backbone) -> Iterator[Service]:
-    running = echo.build(fast_settings(backbone.broker_url), backbone.db_url,
-                         queue=f"echo-{uuid.uuid4().hex[:8]}")
-    running.start()
-    yield running
-    running.stop()
-    running.engine.dispose()
+def service(running: Service) -> Service:  # noqa: F811 - the imported fixture
+    """The echo service on a queue of its own, on each backbone (test_backbone's)."""
+    return running
 
 
 def send_with_attempts(service: Service, value: object, text: str) -> str:

@@ -30,23 +30,17 @@ def test_insecure_no_auth_is_refused_on_an_address_other_machines_reach(tmp_path
         bootstrap(settings(tmp_path, insecure_no_auth=True, intake_bind="0.0.0.0:8080"))  # noqa: S104
 
 
-def test_insecure_no_auth_on_loopback_serves_without_a_token(tmp_path: Path) -> None:
+@pytest.mark.parametrize("values, status", [
+    ({"insecure_no_auth": True}, 200),  # told so, on loopback: served without a token
+    ({"api_token": "a-token-of-ours"}, 401),  # the control: a token set is demanded
+])
+def test_the_api_is_open_only_when_told_so(tmp_path: Path, values: dict[str, object],
+                                           status: int) -> None:
     bind = f"127.0.0.1:{free_port()}"
-    service = bootstrap(settings(tmp_path, insecure_no_auth=True, intake_bind=bind))
+    service = bootstrap(settings(tmp_path, intake_bind=bind, **values))
     service.start()
     try:
-        assert httpx.get(f"http://{bind}/migrations", timeout=5).status_code == 200
-    finally:
-        service.stop()
-
-
-def test_a_token_is_demanded_when_set(tmp_path: Path) -> None:
-    # the control: with a token nothing is refused, and requests without it are
-    bind = f"127.0.0.1:{free_port()}"
-    service = bootstrap(settings(tmp_path, api_token="a-token-of-ours", intake_bind=bind))
-    service.start()
-    try:
-        assert httpx.get(f"http://{bind}/migrations", timeout=5).status_code == 401
+        assert httpx.get(f"http://{bind}/migrations", timeout=5).status_code == status
     finally:
         service.stop()
 
