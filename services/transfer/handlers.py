@@ -85,7 +85,7 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     """A transfer job for the archive (one per migration) to the destination, linked to
     this request. Raises UnsafeNameError, PermanentError for a path it will not send,
     RefusedEventError for an event that names another archive's place or a file outside
-    staging."""
+    staging, UnknownEventError for a request its resolved migration never planned."""
     connection, migration_id = ctx.connection, ctx.migration_id
     safe_component(migration_id, "migration id")
     safe_component(event.file_name, "archive file name")
@@ -93,9 +93,9 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
         raise PermanentError(f"archive {event.archive_id}: staging path {event.path!r} "
                              "is not absolute")
     staged(event.path, ctx.deps.staging, event.archive_id)
-    check_known(connection, event, ctx)
     job_id = transfer_id(migration_id, event.archive_id)
     _refuse_another_archive(connection, migration_id, job_id, event)
+    check_known(connection, event, ctx)  # after the refusals: those say more
     payload = {"archive_id": event.archive_id, "path": event.path,
                "file_name": event.file_name, "sha256": event.sha256,
                "bytes": event.compressed_bytes, "datacenter": event.datacenter,

@@ -4,8 +4,8 @@ proxy): the moments end-to-end tests act on, instead of sleeping and hoping."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.exc import DBAPIError

@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 from ferry.loopback_sshd import free_port
 from services.intake.bootstrap import bootstrap as intake_bootstrap
 from services.resolver.bootstrap import bootstrap as resolver_bootstrap
+from shared.bus import connect
 from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
-from shared.bus import connect
 from shared.settings import Settings
 from tests.support.helpers import wait_for
 

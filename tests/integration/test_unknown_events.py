@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def settings(rabbit_url: str, make_pg_database: Callable[[], str], tmp_path: Pat
                     staging_dir=tmp_path / "staging", destination=str(tmp_path / "destination"))
 
 
+@contextmanager
 def started(service: Service) -> Iterator[Service]:
     service.start()
     try:
@@ -77,7 +79,7 @@ def completed(request_id: str, kind: str, path: Path, data: bytes) -> Envelope:
 
 def test_the_snapshotter_refuses_a_release_for_a_snapshot_it_never_made(
         settings: Settings) -> None:
-    for snapshotter in started(snapshotter_bootstrap(settings)):
+    with started(snapshotter_bootstrap(settings)) as snapshotter:
         # Given a snapshotter that never got a snapshot.requested
         # When a local filesystem's archive.completed names a request of its own making up
         forged = completed("req-never-snapshotted", "local_fs", Path("/x/a.tar.zst"), b"a")
@@ -97,7 +99,7 @@ def test_transfer_refuses_an_archive_of_a_request_its_migration_never_planned(
         settings: Settings) -> None:
     staging = settings.staging_dir / "ey04"
     staging.mkdir(parents=True)
-    for transfer in started(transfer_bootstrap(settings)):
+    with started(transfer_bootstrap(settings)) as transfer:
         # Given a migration resolved with one planned request
         source = ArchiveSource(host="local", path="/srv/data")
         plan = MigrationResolved(customer_id="c1", allocations={}, resolved_document={},
