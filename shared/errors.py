@@ -19,11 +19,16 @@ class PermanentError(FerryError):
     """Retrying cannot help: bad input, a missing entity, a refused host key. Dead-letter."""
 
 
-class UnknownMigrationError(PermanentError):
-    """An event about a migration this service never heard of: believed by nobody, so no
-    phantom migration appears; dead-lettered with reason `unknown`."""
+class UnknownEventError(PermanentError):
+    """An event about something this service never saw a request for (a migration, a
+    snapshot, an archive): believed by nobody, so no phantom row appears; dead-lettered with
+    reason `unknown`."""
 
     dead_letter_reason = "unknown"
+
+
+class UnknownMigrationError(UnknownEventError):
+    """An event about a migration this service never heard of: no phantom migration."""
 
 
 class RefusedEventError(PermanentError):

@@ -16,7 +16,7 @@ from services.snapshotter.devicemapper import check_device
 from services.snapshotter.tables import ACTIVE, RELEASING, WAITING, snapshot_jobs
 from shared.addresses import parse_address
 from shared.contracts import ArchiveCompleted, ArchiveFailed, SnapshotFailed, SnapshotRequested
-from shared.errors import ConfigurationError, PermanentError
+from shared.errors import ConfigurationError, PermanentError, UnknownEventError
 from shared.jobs import FAILED, PENDING, new_job_values
 from shared.runtime import Context, Handler
 
@@ -74,9 +74,17 @@ def release_reason(job: Any, event: ArchiveCompleted | ArchiveFailed) -> str | N
 
 
 def release_after_archive(event: ArchiveCompleted | ArchiveFailed, ctx: Context[None]) -> None:
-    """archive.completed / archive.failed for a snapshot's request: release the snapshot."""
+    """archive.completed / archive.failed for a snapshot's request: release the snapshot.
+    Other kinds of archive read no snapshot: nothing to do. Raises UnknownEventError for a
+    local filesystem's archive of a request no snapshot was ever requested for."""
+    if event.kind != "local_fs":
+        return
     job = ctx.connection.execute(select(snapshot_jobs).where(
         snapshot_jobs.c.request_id == event.request_id)).first()
+    if job is None:
+        raise UnknownEventError(f"{ctx.envelope.type} {ctx.envelope.id}: request "
+                                f"{event.request_id!r} of migration {ctx.migration_id!r} has "
+                                f"no snapshot the snapshotter ever made")
     reason = release_reason(job, event) if job is not None else None
     if job is not None and reason is not None:
         mark_for_release(ctx.connection, job.id, job.snapshot_id, reason)

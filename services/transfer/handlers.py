@@ -19,7 +19,7 @@ from services.transfer.destination import Destination, safe_component
 from services.transfer.tables import transfer_migrations, transfer_requests, transfers
 from shared.contracts import ArchiveCompleted, ArchiveFailed, MigrationResolved, TransferFailed
 from shared.db import insert_ignoring_conflicts
-from shared.errors import PermanentError, RefusedEventError
+from shared.errors import PermanentError, RefusedEventError, UnknownEventError
 from shared.jobs import DONE, FAILED, new_job_values
 from shared.runtime import Context, Handler
 
@@ -63,11 +63,29 @@ def record_expected_requests(event: MigrationResolved, ctx: Context[Receiving]) 
     ledger.complete_if_done(connection, ctx.outbox, migration_id, ctx.envelope)
 
 
+def check_known(connection: Connection, event: ArchiveCompleted | ArchiveFailed,
+                ctx: Context[Receiving]) -> None:
+    """Raise UnknownEventError for an archive's end about a request its migration never
+    planned. Before migration.resolved arrived (a retried message may come later) nothing
+    can be told yet: the request is believed, and counted once the plan arrives."""
+    m, r = transfer_migrations, transfer_requests
+    resolved = connection.execute(select(m.c.resolved).where(
+        m.c.migration_id == ctx.migration_id)).scalar()
+    if not resolved:
+        return
+    planned = connection.execute(select(r.c.request_id).where(
+        r.c.migration_id == ctx.migration_id, r.c.request_id == event.request_id)).first()
+    if planned is None:
+        raise UnknownEventError(f"{ctx.envelope.type} {ctx.envelope.id}: request "
+                                f"{event.request_id!r} is not one migration "
+                                f"{ctx.migration_id!r} planned")
+
+
 def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     """A transfer job for the archive (one per migration) to the destination, linked to
     this request. Raises UnsafeNameError, PermanentError for a path it will not send,
     RefusedEventError for an event that names another archive's place or a file outside
-    staging."""
+    staging, UnknownEventError for a request its resolved migration never planned."""
     connection, migration_id = ctx.connection, ctx.migration_id
     safe_component(migration_id, "migration id")
     safe_component(event.file_name, "archive file name")
@@ -77,6 +95,7 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     staged(event.path, ctx.deps.staging, event.archive_id)
     job_id = transfer_id(migration_id, event.archive_id)
     _refuse_another_archive(connection, migration_id, job_id, event)
+    check_known(connection, event, ctx)  # after the refusals: those say more
     payload = {"archive_id": event.archive_id, "path": event.path,
                "file_name": event.file_name, "sha256": event.sha256,
                "bytes": event.compressed_bytes, "datacenter": event.datacenter,
@@ -120,6 +139,7 @@ def record_archive_failure(event: ArchiveFailed, ctx: Context[Receiving]) -> Non
     if event.will_retry:
         return
     connection, migration_id = ctx.connection, ctx.migration_id
+    check_known(connection, event, ctx)
     ledger.lock_migration(connection, migration_id)
     ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
                        state=ledger.ARCHIVE_FAILED, reason=event.reason[-2000:])
@@ -130,8 +150,10 @@ def record_archive_failure(event: ArchiveFailed, ctx: Context[Receiving]) -> Non
 def record_failed_message(event: Any, ctx: Context[Receiving], error: BaseException) -> None:
     """The bus's failure hook: an archive.completed that cannot be recorded (say, a file name
     unfit for the destination) fails its request and migration instead of vanishing. One
-    refused as untrustworthy changes nothing: it is only dead-lettered."""
-    if not isinstance(event, ArchiveCompleted) or isinstance(error, RefusedEventError):
+    refused as untrustworthy, or about a request never planned, changes nothing: it is only
+    dead-lettered."""
+    if not isinstance(event, ArchiveCompleted) or isinstance(error, RefusedEventError
+                                                             | UnknownEventError):
         return
     connection, migration_id, reason = ctx.connection, ctx.migration_id, str(error)
     ledger.lock_migration(connection, migration_id)

@@ -1,18 +1,23 @@
 """Services started in the worst order lose nothing (RabbitMQ + PostgreSQL): intake alone
 first takes a submission and publishes it; the resolver, started only afterwards, finds it
-waiting in its queue, because every service declares every queue at start."""
+waiting in its queue, because every service declares every queue at start. And a
+datacenter's archiver queue exists as soon as the resolver's inventory names it, before any
+archiver of that datacenter ever ran."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+import amqp.exceptions
 import httpx
+import yaml
 from sqlalchemy import func, select
 
 from ferry.loopback_sshd import free_port
 from services.intake.bootstrap import bootstrap as intake_bootstrap
 from services.resolver.bootstrap import bootstrap as resolver_bootstrap
+from shared.bus import connect
 from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
 from shared.settings import Settings
@@ -66,3 +71,43 @@ def test_intake_alone_first_then_the_resolver_resolves_what_was_submitted(
         for service in reversed(started):
             service.stop()
             service.engine.dispose()
+
+
+def queue_exists(broker_url: str, name: str) -> bool:
+    """A passive declare: True when the queue exists, never creating it."""
+    with connect(broker_url) as connection:
+        channel = connection.channel()
+        try:
+            channel.queue_declare(name, passive=True)
+        except amqp.exceptions.NotFound:
+            return False
+        channel.close()
+    return True
+
+
+def test_the_resolver_declares_every_inventory_datacenters_archiver_queue(
+        bare_rabbit_url: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.yaml"
+    document = yaml.safe_load((ROOT / "examples" / "inventory.yaml").read_text())
+    inventory.write_text(yaml.safe_dump(document))
+    settings = Settings(broker_url=bare_rabbit_url, state_dir=tmp_path,
+                        resolver_database_url=make_pg_database(), inventory=str(inventory))
+    assert not queue_exists(bare_rabbit_url, "archiver.ey04")  # a fresh vhost: nothing yet
+    # Given the resolver alone on a fresh broker
+    resolver = resolver_bootstrap(settings)
+    resolver.start()
+    try:
+        # Then each datacenter its inventory names has its archiver queue, and its dead queue
+        for datacenter in ("ey04", "ey02"):
+            assert queue_exists(bare_rabbit_url, f"archiver.{datacenter}"), datacenter
+            assert queue_exists(bare_rabbit_url, f"archiver.{datacenter}.dead"), datacenter
+        assert not queue_exists(bare_rabbit_url, "archiver.ey09")  # not in the inventory
+        # When the inventory file names a new datacenter
+        document["datacenters"]["ey09"] = {"archive_hosts": ["archive-ey09.internal"]}
+        inventory.write_text(yaml.safe_dump(document))
+        # Then its queue follows, without a restart
+        wait_for(lambda: queue_exists(bare_rabbit_url, "archiver.ey09"), timeout=30,
+                 what="archiver.ey09 declared after the inventory changed")
+    finally:
+        resolver.stop()
+        resolver.engine.dispose()
