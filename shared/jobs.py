@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 
 from shared.errors import LeaseLostError, PermanentError, ServiceStoppingError
+from shared.failpoints import failpoint
 from shared.inbox_outbox import UnitOfWork, Units
 from shared.retry import RetryPolicy
 
@@ -271,6 +272,7 @@ class JobWorker:
         job = self.leases.claim(owner, self.where() if self.where else None)
         if job is None:
             return False
+        failpoint("jobs.after_claim")  # claimed and nothing done: taken over when it expires
         lease = Lease(self.leases, job, owner, self.units)
         beating = threading.Event()
         beat_every = max(0.2, self.leases.lease_seconds / 3)

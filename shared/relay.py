@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select, update
 
 from shared.bus import Publisher, UnroutableError
 from shared.db import is_postgres
+from shared.failpoints import failpoint
 from shared.inbox_outbox import outbox_table
 from shared.topology import dead_queue, standing_queue, work_queue
 
@@ -59,6 +60,8 @@ class OutboxRelay:
             query = query.with_for_update(skip_locked=True)
         with self._engine.begin() as connection:
             rows = connection.execute(query).all()
+            if rows:
+                failpoint("relay.before_publish")
             sent = []
             for row in rows:
                 try:
@@ -70,6 +73,7 @@ class OutboxRelay:
                 self._held.pop(row.seq, None)
                 sent.append(row.seq)
             if sent:
+                failpoint("relay.after_publish")  # published: republished after a restart
                 connection.execute(
                     update(t).where(t.c.seq.in_(sent)).values(published_at=time.time()))
         self.published += len(sent)

@@ -22,10 +22,12 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
 
+from shared import failpoints
 from shared.bus import ServiceConsumer, declare_standing, declare_topology
 from shared.contracts import EVENTS, Event
 from shared.db import Schema, make_engine, upgrade
 from shared.envelope import Envelope
+from shared.failpoints import failpoint
 from shared.inbox_outbox import Outbox, UnitOfWork, Units
 from shared.jobs import JobWorker
 from shared.periodic import Periodic
@@ -98,6 +100,7 @@ def _once(name: str, call: Callable[[Context[Any]], None], envelope: Envelope, u
             return False
         call(Context(envelope, uow, deps))
         uow.commit()
+    failpoint("runtime.after_commit")  # committed, not yet acked: redelivered, claimed again
     return True
 
 
@@ -167,6 +170,7 @@ class Service:
         deliver_failure(self.on_failure, event, envelope, error, self.units, self.deps)
 
     def start(self) -> None:
+        failpoints.check()  # a refused FERRY_FAILPOINTS stops the start, naming the entry
         # every service's queues, not only its own: what it publishes before the consumer
         # ever started waits in that consumer's queue
         declare_standing(self.settings.broker_url, self.settings)

@@ -46,6 +46,7 @@ from services.archiver.sources import (
 from services.archiver.tables import archive_jobs
 from shared.contracts import ArchiveProgress
 from shared.errors import UnexpectedExit
+from shared.failpoints import failpoint
 from shared.hosts import Host, HostPool, LocalExecutor
 from shared.inbox_outbox import UnitOfWork
 from shared.jobs import RUNNING, Done, Failed, Lease, Outcome, RetryIn
@@ -154,6 +155,7 @@ class Archiver:
 
         def sink(chunk: bytes) -> None:
             writer.write(chunk)
+            failpoint("archiver.mid_stream")  # a partial file, its stream cut: swept, redone
             lease.progress(bytes_done=writer.raw_bytes)
             lease.check()  # taken over by another worker: stop streaming now
             progress.tick(writer.raw_bytes)
@@ -180,6 +182,7 @@ class Archiver:
             # the row is ours until commit: no one else seals it (a file sealed by a commit
             # that then failed stays, and the next attempt replaces it)
             seal(archive.path, final)
+            failpoint("archiver.after_seal")  # sealed, not recorded: made and sealed again
             job = uow.connection.execute(
                 select(archive_jobs).where(archive_jobs.c.id == lease.job_id)).one()
             answered = complete_waiting(uow, job)

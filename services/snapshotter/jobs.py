@@ -44,6 +44,7 @@ from shared.contracts import (
 )
 from shared.db import insert_ignoring_conflicts
 from shared.errors import FerryError, LeaseLostError
+from shared.failpoints import failpoint
 from shared.hosts import Host, HostPool
 from shared.inbox_outbox import UnitOfWork, Units
 from shared.jobs import FAILED, Done, Failed, Lease, Outcome, Record, RetryIn
@@ -139,6 +140,8 @@ class SnapshotWork:
                   size: int, cow_bytes: int) -> Done:
         """The job becomes `active` (holding its slot) and snapshot.ready goes out with it."""
         job = lease.job
+        # created, not recorded: the next claim removes it (an earlier claim's) and makes anew
+        failpoint("snapshotter.after_create")
         ready = SnapshotReady(
             datacenter=request.datacenter, request_id=request.request_id, snapshot_id=sid,
             driver=request.driver, host=request.xen_host, export_name=sid if port else "",
@@ -177,6 +180,7 @@ class SnapshotWork:
         """What follows a release, with snapshot.released. A release is no try at creating:
         only creates count towards max_attempts."""
         job = lease.job
+        failpoint("snapshotter.after_release")  # torn down, not recorded: released again
         log.info("snapshotter: %s released on %s: %s", sid, job.xen_host, reason)
         record = emit(SnapshotReleased(request_id=job.request_id, snapshot_id=sid,
                                        host=job.xen_host, reason=reason, invalidated=invalid),

@@ -29,6 +29,7 @@ from services.transfer.tables import transfers
 from shared.db import is_postgres
 from shared.digests import file_sha256
 from shared.errors import PermanentError, ServiceStoppingError, TransientError, UnexpectedExit
+from shared.failpoints import failpoint
 from shared.hosts import Host, HostPool, LocalExecutor
 from shared.inbox_outbox import UnitOfWork
 from shared.jobs import RUNNING, Done, Failed, Lease, Leases, Outcome, RetryIn
@@ -120,6 +121,7 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
             return resend_from_zero(lease, attempt, (
                 f"sha256 at {destination.address}:{remote} is {digest}, the archive's is "
                 f"{job.payload['sha256']}; removed it"))
+        failpoint("transfer.after_verify")  # verified, not recorded: rsync again is a no-op
     except TransientError as error:
         if ctx.stopping.is_set():
             # the stop cut this attempt short (rsync stopped, a host closed): no failed try
@@ -178,10 +180,13 @@ def send(ctx: TransferContext, lease: Lease, destination: Destination, source: P
                             timeout_seconds=settings.transfer_timeout_seconds,
                             bwlimit_kbps=settings.transfer_bwlimit_kbps)
     reporter = ProgressReporter(lease, settings.transfer_progress_seconds)
+    size = int(lease.job.payload["bytes"])
 
     def on_progress(progress: rsync.Progress) -> None:
         if ctx.stopping.is_set():
             raise TransferInterruptedError("the transfer service is stopping")
+        if 0 < progress.bytes_done < size:
+            failpoint("transfer.mid_rsync")  # part of it there: the next rsync appends the rest
         reporter.update(progress)
 
     output = rsync.RsyncOutput(on_progress=on_progress)

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pymysql
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select
 
 from services.archiver.sources import ROOT_EXCLUDES
+from services.archiver.tables import archive_jobs
 from services.intake.tables import migration_jobs
+from services.snapshotter.tables import snapshot_jobs
+from services.transfer.tables import transfers
 from shared.digests import file_sha256
 from tests.support.trees import describe
 
@@ -115,3 +118,35 @@ def check_destination(destination: Path, jobs: list[Any], source_database: str |
             check_tree(path, Path(source["path"]), list(source.get("excludes") or []), scratch,
                        emptied)
     return len(checked)
+
+
+def assert_once(urls: dict[str, str], archives: int) -> None:
+    """One archive job per source and one transfer per archive, each done once (`urls`:
+    each service's database)."""
+    archiver = create_engine(urls["archiver"])
+    with archiver.connect() as connection:
+        made = connection.execute(
+            select(archive_jobs.c.reuse_key, func.count(), func.min(archive_jobs.c.state))
+            .group_by(archive_jobs.c.reuse_key)).all()
+    archiver.dispose()
+    assert len(made) == archives and all(n == 1 and state == "done" for _, n, state in made), (
+        made)
+    transfer = create_engine(urls["transfer"])
+    with transfer.connect() as connection:
+        sent = connection.execute(
+            select(transfers.c.archive_id, func.count(), func.min(transfers.c.state))
+            .group_by(transfers.c.archive_id)).all()
+    transfer.dispose()
+    assert len(sent) == archives and all(n == 1 and state == "done" for _, n, state in sent), (
+        sent)
+
+
+def snapshots_left(snapshotter_url: str) -> tuple[int, list[Any]]:
+    """How many snapshot jobs there are, and those not released yet (active, being created
+    or released, failed): each may still hold a snapshot or an export on its host."""
+    engine = create_engine(snapshotter_url)
+    with engine.connect() as connection:
+        rows = connection.execute(select(snapshot_jobs.c.request_id, snapshot_jobs.c.state,
+                                         snapshot_jobs.c.phase)).all()
+    engine.dispose()
+    return len(rows), [row for row in rows if (row.state, row.phase) != ("done", "released")]

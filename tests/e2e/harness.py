@@ -4,6 +4,7 @@ tests: started, SIGKILLed and restarted by PID, stopped with SIGTERM."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,26 @@ class Pipeline:
                 return False
 
         self.processes["intake"].wait_ready(healthy, timeout)
+
+    def spawn(self, name: str, extra_env: Mapping[str, str] | None = None) -> None:
+        """Start `name` as a new process, with `extra_env` on top of the pipeline's env for
+        this process alone (a failpoint armed in it); logging to the file of its earlier run
+        if it had one. Raises AssertionError if it is still running."""
+        earlier = self.processes.get(name)
+        assert earlier is None or not earlier.running, f"{name} is still running"
+        service = name.split("-")[0]
+        extra = ["--datacenter", self.datacenter] if service == "archiver" else []
+        self.processes[name] = ChildProcess.ferry(
+            "run", service, *extra, env={**self.env, **(extra_env or {})},
+            log=earlier.log_path if earlier is not None else None)
+
+    def start_all_with(self, name: str, extra_env: Mapping[str, str]) -> None:
+        """start_all, with `extra_env` for the process `name` only."""
+        for each in [*SERVICES, *(f"archiver-{i + 1}" for i in range(self.archivers))]:
+            self.spawn(each, extra_env if each == name else None)
+        for process in self.processes.values():
+            process.wait_ready(READY)
+        self.wait_for_api()
 
     def kill(self, name: str) -> None:
         self.processes[name].kill()
