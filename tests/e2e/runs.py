@@ -12,14 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
-
 from ferry.dlq import list_dead
-from services.archiver.tables import archive_jobs
-from services.transfer.tables import transfers
 from shared.settings import SERVICES
 from shared.topology import FIXED_QUEUES
-from tests.e2e.checks import check_destination, jobs_of
+from tests.e2e.checks import assert_once, check_destination, jobs_of
 from tests.e2e.harness import Pipeline, pipeline_env
 from tests.e2e.observed import Databases
 
@@ -116,7 +112,7 @@ def run_migration(site: tuple[Path, str], rabbit_url: str,
         assert check_destination(workdir / "destination" / run.migration_id, jobs, database,
                                  tmp_path / "scratch") == ARCHIVES
         # And nothing ran twice, nothing is left half-done, nothing is dead
-        assert_once(urls)
+        assert_once(urls, ARCHIVES)
         staged = sorted(p.name for p in (workdir / "staging").rglob("*") if p.is_file())
         assert len(staged) == ARCHIVES and not [n for n in staged if "partial" in n], staged
         for queue in [*FIXED_QUEUES, f"archiver.{run.pipeline.datacenter}"]:
@@ -133,23 +129,3 @@ def _wait_for_intake(run: Run, starter: threading.Thread) -> None:
     while "intake" not in run.pipeline.processes:
         assert starter.is_alive() and time.monotonic() < deadline, "intake was never started"
         time.sleep(0.05)
-
-
-def assert_once(urls: dict[str, str]) -> None:
-    """One archive job per source and one transfer per archive, each done once."""
-    archiver = create_engine(urls["archiver"])
-    with archiver.connect() as connection:
-        archives = connection.execute(
-            select(archive_jobs.c.reuse_key, func.count(), func.min(archive_jobs.c.state))
-            .group_by(archive_jobs.c.reuse_key)).all()
-    archiver.dispose()
-    assert len(archives) == ARCHIVES and all(
-        n == 1 and state == "done" for _, n, state in archives), archives
-    transfer = create_engine(urls["transfer"])
-    with transfer.connect() as connection:
-        sent = connection.execute(
-            select(transfers.c.archive_id, func.count(), func.min(transfers.c.state))
-            .group_by(transfers.c.archive_id)).all()
-    transfer.dispose()
-    assert len(sent) == ARCHIVES and all(n == 1 and state == "done" for _, n, state in sent), (
-        sent)
