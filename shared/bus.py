@@ -24,6 +24,7 @@ from kombu import Connection, Consumer, Message, Producer, Queue
 from kombu.mixins import ConsumerMixin
 
 from shared.contracts import Event
+from shared.db import is_unreachable
 from shared.envelope import Envelope
 from shared.errors import MalformedMessageError, PermanentError, TransientError
 from shared.retry import RetryPolicy
@@ -195,6 +196,7 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         self._ttl = supports_ttl(self.connection)
         self._timers: set[threading.Timer] = set()
         self.handled = 0
+        self.deferred = 0  # retries for a database outage, which spend no attempt
 
     # -- kombu hooks -----------------------------------------------------------------
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
@@ -259,8 +261,16 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
             reason = str(getattr(error, "dead_letter_reason", "permanent"))
             self._give_up(message, event, envelope, error, reason, attempts + 1)
         except Exception as error:  # noqa: BLE001 - anything else is worth another try
-            attempts += 1
             detail = "".join(traceback.format_exception_only(error)).strip()
+            if is_unreachable(error):
+                # The service's own database is down: no fault of the message. Retried at
+                # the delay its attempts have earned, never dead-lettered for an outage.
+                self.deferred += 1
+                log.warning("%s: %s %s waits for the database (%s); retrying, attempt not "
+                            "counted", self.spec.name, envelope.type, envelope.id, detail)
+                self._retry(message, attempts, detail)
+                return
+            attempts += 1
             if self.policy.exhausted(attempts):
                 log.error("%s: %s %s failed %d times: %s", self.spec.name, envelope.type,
                           envelope.id, attempts, detail)

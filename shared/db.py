@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, text
+from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
@@ -65,6 +65,20 @@ def insert_ignoring_conflicts(connection: Connection, table: Table,
     for a concurrent inserter to commit). True when the row was inserted."""
     statement = dialect_insert(connection, table).values(dict(values)).on_conflict_do_nothing()
     return bool(connection.execute(statement).rowcount == 1)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """True when `error` says the database could not be reached or the connection to it
+    broke (an outage: no fault of the message being handled), not a failed statement.
+    PostgreSQL reports a statement's failure with an SQLSTATE; a refused, reset or timed-out
+    connection has none. SQLite is a local file: it has no outage."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if not isinstance(error, exc.OperationalError | exc.InterfaceError):
+        return False
+    original = error.orig
+    return (type(original).__module__.startswith("psycopg2")
+            and getattr(original, "pgcode", None) is None)
 
 
 def is_postgres(engine: Engine) -> bool:
