@@ -14,7 +14,7 @@ from services.resolver import handlers as resolver
 from services.snapshotter import handlers as snapshotter
 from services.transfer import handlers as transfer
 from shared.runtime import routing_keys
-from shared.settings import SERVICES
+from shared.settings import SERVICES, Settings
 from shared.topology import (
     DEAD_EXCHANGE,
     EVENTS_EXCHANGE,
@@ -94,3 +94,14 @@ def test_retries_and_dead_letters_never_go_through_the_default_exchange() -> Non
             "x-dead-letter-exchange"]
         assert retry.queue_arguments["x-dead-letter-routing-key"] == "resolver"
     assert {e.type for e in (EVENTS_EXCHANGE, RETRY_EXCHANGE, DEAD_EXCHANGE)} == {"topic"}
+
+
+def test_each_service_reads_its_own_broker_url_else_the_shared_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_BROKER_URL", "amqp://admin@rabbit/ferry")
+    monkeypatch.setenv("FERRY_ARCHIVER_BROKER_URL", "amqp://ferry-archiver@rabbit/ferry")
+    settings = Settings()
+    assert settings.for_service("archiver").broker_url == "amqp://ferry-archiver@rabbit/ferry"
+    assert settings.for_service("resolver").broker_url == "amqp://admin@rabbit/ferry"
+    assert settings.for_service("echo") is settings  # a test's own service
+    assert Settings(broker_url="memory://").for_service("intake").broker_url == "memory://"
