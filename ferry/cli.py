@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ferry.broker import broker_app
 from ferry.builders import SCHEMAS, Options, build
 from ferry.dlq import list_dead, replay_dead
 from services.archiver import commands as archiver_commands
@@ -30,6 +31,7 @@ dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list and replay.
 db_app = typer.Typer(no_args_is_help=True, help="Service databases.")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(db_app, name="db")
+app.add_typer(broker_app, name="broker")
 console = Console()
 # Each service adds its own commands (`ferry archives ...`, `ferry inventory ...`).
 for commands in (intake_commands, resolver_commands, snapshotter_commands, archiver_commands,

@@ -170,9 +170,12 @@ def _queues_note(delivery_limit: int, delays: tuple[float, ...], code: str = "")
     names = ", ".join(f"{code}{name}{code}" for name in companion_queues(delivery_limit, delays))
     tiers = ",".join(f"{d:g}" for d in delays)
     return (f"Each work queue is a quorum queue ({code}x-delivery-limit{code} {delivery_limit}) "
-            f"bound to the topic exchange {code}ferry.events{code}; next to it each service "
-            f"declares {names}: its dead letters (through {code}ferry.dead{code}) and one TTL "
-            f"queue per retry tier ({code}FERRY_RETRY_DELAYS={tiers}{code}).")
+            f"bound to the topic exchange {code}ferry.events{code}; next to it are {names}: "
+            f"its dead letters (through {code}ferry.dead-letters{code}) and one TTL queue per "
+            f"retry tier (through {code}ferry.retry{code}; "
+            f"{code}FERRY_RETRY_DELAYS={tiers}{code}). On RabbitMQ each service's own broker "
+            f"user may publish only the events it emits, the column above "
+            f"({code}ferry broker setup{code}).")
 
 
 def render_tables(delivery_limit: int, delays: tuple[float, ...]) -> Group:

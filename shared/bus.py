@@ -7,7 +7,14 @@ What the consumer does with a delivery:
   attempt count in our own header; after `max_attempts` → failure hook, then `<queue>.dead`;
 - handler returns → ack (the handler has committed its transaction by then).
 Dead letters and retries are published with confirms before the original is acked, so a
-crash at any point leaves the message in one queue or another, never nowhere.
+crash at any point leaves the message in one queue or another, never nowhere. Both go
+through topic exchanges (`ferry.dead-letters`, `ferry.retry`), never the default one: a
+service's own broker user may write only its own queues' routing keys there.
+
+Queues are declared where the user may (the admin of `ferry broker setup`, a development
+broker's guest) and otherwise only checked to exist: a service's own broker user has no
+`configure` permission at all, so it can neither delete a queue nor make one that
+dead-letters into another service's.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ from kombu.mixins import ConsumerMixin
 from shared.contracts import Event
 from shared.db import is_unreachable
 from shared.envelope import Envelope
-from shared.errors import MalformedMessageError, PermanentError, TransientError
+from shared.errors import (
+    ConfigurationError,
+    MalformedMessageError,
+    PermanentError,
+    TransientError,
+)
 from shared.retry import RetryPolicy
 from shared.settings import Settings
 from shared.topology import (
@@ -38,6 +50,7 @@ from shared.topology import (
     FAILED_AT_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
+    RETRY_EXCHANGE,
     QueueSpec,
     all_queues,
     attempts_of,
@@ -46,6 +59,8 @@ from shared.topology import (
     standing_queues,
     work_queue,
 )
+
+ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED = 403, 404, 406
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +90,71 @@ def supports_ttl(connection: Connection) -> bool:
 
 class UnroutableError(TransientError):
     """The broker returned a mandatory message: no queue is bound for its routing key (yet)."""
+
+
+class PublishRefusedError(TransientError):
+    """The broker refused a publish (403 ACCESS_REFUSED): this broker user may not write that
+    exchange or routing key. Transient: an operator can fix the permissions."""
+
+
+class TopologyMissingError(ConfigurationError):
+    """A queue does not exist and this broker user may not declare it."""
+
+
+def _code(error: BaseException) -> int | None:
+    code = getattr(error, "reply_code", None)
+    return code if isinstance(code, int) else None
+
+
+def declare_queues(connection: Connection, queues: Iterable[Queue], *,
+                   strict: bool = False) -> int:
+    """Declare each queue with its exchanges and bindings, each on a channel of its own (a
+    refusal closes the channel). A queue this user may not declare (403: a service's own
+    broker user) is checked passively instead, which needs no permission. A queue that
+    exists with other arguments (another delivery limit, an older Ferry's dead-letter
+    exchange) is left as it is with a warning, or raises ConfigurationError when `strict`.
+    Returns how many were declared. Raises TopologyMissingError for a queue that does not
+    exist and may not be declared, kombu/amqp errors otherwise."""
+    declared = 0
+    for queue in queues:
+        channel = connection.channel()
+        try:
+            queue(channel).declare()
+            declared += 1
+        except connection.channel_errors as error:
+            if _code(error) == ACCESS_REFUSED:
+                _must_exist(connection, queue.name, error)
+            elif _code(error) == PRECONDITION_FAILED and not strict:
+                log.warning("queue %s exists with other arguments, left as it is: %s",
+                            queue.name, error)
+            elif _code(error) == PRECONDITION_FAILED:
+                raise ConfigurationError(
+                    f"queue {queue.name} exists with other arguments than Ferry declares "
+                    f"({error}): an older Ferry's (dead letters through ferry.dead) or another "
+                    f"FERRY_DELIVERY_LIMIT; drain it, delete it and run this again") from error
+            else:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+    return declared
+
+
+def _must_exist(connection: Connection, name: str, refused: BaseException) -> None:
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue=name, passive=True)
+    except connection.channel_errors as error:
+        if _code(error) != NOT_FOUND:
+            raise
+        user = getattr(connection, "userid", None) or "this user"
+        raise TopologyMissingError(
+            f"queue {name} does not exist and broker user {user} may not declare it "
+            f"({refused}); run `ferry broker setup` (with the same FERRY_RETRY_DELAYS and "
+            f"--datacenter for every archiver) first") from error
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
 
 
 class Publisher:
@@ -107,21 +187,35 @@ class Publisher:
         declare: Iterable[Queue] = (),
         content_encoding: str = "utf-8",
     ) -> None:
-        """Publish and wait for the broker's confirm. Raises UnroutableError when the broker
-        returned it (no queue bound), kombu/amqp errors on failure."""
+        """Publish and wait for the broker's confirm, first declaring `declare` where this user
+        may (see declare_queues; one it may not is left to `mandatory`). Raises
+        UnroutableError when the broker returned it (no queue bound), PublishRefusedError when
+        it refused it (403), kombu/amqp errors on other failures."""
+        if declare:
+            try:
+                declare_queues(self._connection, declare)
+            except TopologyMissingError as error:
+                log.error("%s", error)  # published anyway: mandatory, it comes back
         ensure = self._connection.ensure(
             self, self._publish_once, max_retries=3, interval_start=0.2, interval_step=0.5
         )
         self._returned.clear()
-        ensure(body, routing_key, exchange, dict(headers or {}), list(declare), content_encoding)
+        name = getattr(exchange, "name", exchange) or "the default exchange"
+        try:
+            ensure(body, routing_key, exchange, dict(headers or {}), content_encoding)
+        except self._connection.channel_errors as error:
+            self._reset()  # the broker closed the channel
+            if _code(error) == ACCESS_REFUSED:
+                raise PublishRefusedError(f"the broker refused {routing_key!r} on {name}: "
+                                          f"{error}") from error
+            raise
         if self._returned:
             self._returned.clear()
-            name = getattr(exchange, "name", exchange) or "the default exchange"
             raise UnroutableError(f"no queue is bound for {routing_key!r} on {name}")
 
     def _publish_once(
         self, body: bytes | str, routing_key: str, exchange: Any, headers: dict[str, Any],
-        declare: list[Queue], content_encoding: str,
+        content_encoding: str,
     ) -> None:
         self._get_producer().publish(
             body,
@@ -131,9 +225,14 @@ class Publisher:
             content_type="application/json",
             content_encoding=content_encoding,
             delivery_mode=2,
-            declare=declare,
             mandatory=self._mandatory,
         )
+
+    def _reset(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.channel.close()
+        self._producer = None
 
     def revive(self, channel: Any) -> None:
         """Called by kombu's ensure() after a reconnect."""
@@ -146,33 +245,33 @@ class Publisher:
 def declare_standing(url: str, settings: Settings, datacenters: Iterable[str] = ()) -> int:
     """Declare every fixed work queue (and the archiver queue of each of `datacenters`) with
     its bindings and dead-letter queue, so an event published before its consumer started
-    waits for it. Idempotent; returns how many work queues were declared. A queue that
-    exists with other arguments (another delivery limit) is left as it is, with a warning.
-    Raises kombu/amqp connection errors."""
-    declared = 0
+    waits for it; a service's own broker user checks that they exist (declare_queues).
+    Idempotent; returns how many queues were declared. Raises TopologyMissingError,
+    kombu/amqp connection errors."""
     with connect(url) as connection:
-        for spec in standing_queues(datacenters):
-            channel = connection.channel()
-            try:
-                work_queue(spec, settings.delivery_limit)(channel).declare()
-                dead_queue(spec.name)(channel).declare()
-                declared += 1
-            except connection.channel_errors as error:
-                log.warning("queue %s exists with other arguments, left as it is: %s",
-                            spec.name, error)
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
-    return declared
+        return declare_queues(connection, [
+            queue for spec in standing_queues(datacenters)
+            for queue in (work_queue(spec, settings.delivery_limit), dead_queue(spec.name))])
+
+
+def declare_all(url: str, settings: Settings, datacenters: Iterable[str]) -> int:
+    """Declare the whole topology, every service's work, dead and retry queues (the
+    archiver's per datacenter), as `ferry broker setup` does with admin credentials. Returns
+    how many queues were declared. Raises ConfigurationError for a queue that exists with
+    other arguments, kombu/amqp errors."""
+    with connect(url) as connection:
+        return declare_queues(connection, [
+            queue for spec in standing_queues(datacenters)
+            for queue in all_queues(spec, settings.delivery_limit, settings.retry_delays)],
+            strict=True)
 
 
 def declare_topology(url: str, spec: QueueSpec, settings: Settings) -> None:
-    """Declare a service's exchange, work, dead and retry queues (idempotent)."""
+    """Declare a service's work, dead and retry queues (idempotent; see declare_queues).
+    Raises TopologyMissingError, kombu/amqp errors."""
     with connect(url) as connection:
-        channel = connection.channel()
-        for queue in all_queues(spec, settings.delivery_limit, settings.retry_delays):
-            queue(channel).declare()
-        channel.close()
+        declare_queues(connection, all_queues(spec, settings.delivery_limit,
+                                              settings.retry_delays))
 
 
 class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
@@ -200,14 +299,14 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
 
     # -- kombu hooks -----------------------------------------------------------------
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
-        queues = all_queues(self.spec, self.settings.delivery_limit, self.settings.retry_delays)
-        for queue in queues:
-            queue(channel).declare()
+        # again on every (re)connect: a broker that lost its queues gets them back
+        declare_topology(self.settings.broker_url, self.spec, self.settings)
         consumer = consumer_cls(
-            queues=[queues[0]],
+            queues=[work_queue(self.spec, self.settings.delivery_limit)],
             on_message=self.on_message,
             accept=["application/json"],
             prefetch_count=self.settings.prefetch,
+            auto_declare=False,  # declared above, where this user may
         )
         # kombu's default on_decode_error acks (loses) the message: dead-letter it instead.
         consumer.on_decode_error = self._on_decode_error
@@ -301,7 +400,6 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         })
         self._publisher.publish(raw_body(message), exchange=DEAD_EXCHANGE,
                                 routing_key=self.spec.name, headers=headers,
-                                declare=[dead_queue(self.spec.name)],
                                 content_encoding="binary")
         message.ack()
 
@@ -311,8 +409,8 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         headers.update({ATTEMPTS_HEADER: attempts, ERROR_HEADER: error[-4000:]})
         if self._ttl:
             queue = retry_queue(self.spec, delay)
-            self._publisher.publish(raw_body(message), exchange=DEFAULT_EXCHANGE,
-                                    routing_key=queue.name, headers=headers, declare=[queue])
+            self._publisher.publish(raw_body(message), exchange=RETRY_EXCHANGE,
+                                    routing_key=queue.name, headers=headers)
         else:
             self._later(delay, raw_body(message), headers)
         message.ack()

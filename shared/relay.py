@@ -15,7 +15,7 @@ import time
 from kombu import Queue
 from sqlalchemy import Engine, select, update
 
-from shared.bus import Publisher, UnroutableError
+from shared.bus import Publisher, PublishRefusedError, UnroutableError
 from shared.db import is_postgres
 from shared.failpoints import failpoint
 from shared.inbox_outbox import outbox_table
@@ -67,7 +67,7 @@ class OutboxRelay:
                 try:
                     publisher.publish(row.body.encode(), routing_key=row.routing_key,
                                       declare=self._standing_queues(row.routing_key))
-                except UnroutableError as error:
+                except (UnroutableError, PublishRefusedError) as error:
                     self._hold(row.seq, row.routing_key, error, now)
                     continue
                 self._held.pop(row.seq, None)
@@ -80,13 +80,17 @@ class OutboxRelay:
         return len(sent)
 
     def _hold(self, seq: int, routing_key: str, error: Exception, now: float) -> None:
-        """Keep a returned row unpublished, and try it again later, less often each time
-        (1 s, doubling to 30 s): its consumer's queue is declared when that service starts."""
+        """Keep a returned (or refused) row unpublished, and try it again later, less often
+        each time (1 s, doubling to 30 s): its consumer's queue is declared when that service
+        starts; a refusal waits for an operator to fix the broker user's permissions."""
         _, wait = self._held.get(seq, (0.0, 0.5))
         wait = min(30.0, wait * 2)
         self._held[seq] = (now + wait, wait)
-        log.warning("%s: outbox row %d (%s) was returned by the broker, kept to publish "
-                    "again in %.0fs: %s", self._name, seq, routing_key, wait, error)
+        refused = isinstance(error, PublishRefusedError)  # a permission, not a late queue
+        log.log(logging.ERROR if refused else logging.WARNING,
+                "%s: outbox row %d (%s) was %s by the broker, kept to publish again in %.0fs: "
+                "%s", self._name, seq, routing_key, "refused" if refused else "returned", wait,
+                error)
 
     def _standing_queues(self, routing_key: str) -> list[Queue]:
         # An event for a datacenter whose workers never started would match no queue and be

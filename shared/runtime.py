@@ -142,6 +142,7 @@ class Service:
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        self.settings = self.settings.for_service(self.name)  # its own broker user
         self.relay = OutboxRelay(self.engine, self.settings.broker_url,
                                  poll_seconds=self.settings.outbox_poll_seconds, name=self.name,
                                  delivery_limit=self.settings.delivery_limit)

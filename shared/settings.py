@@ -17,6 +17,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
 
     broker_url: str = "memory://"
+    # Each service's own broker user (`ferry broker setup`); unset, FERRY_BROKER_URL's.
+    intake_broker_url: str | None = None
+    resolver_broker_url: str | None = None
+    snapshotter_broker_url: str | None = None
+    archiver_broker_url: str | None = None
+    transfer_broker_url: str | None = None
     state_dir: Path = Path(".ferry")
     intake_database_url: str | None = None
     resolver_database_url: str | None = None
@@ -131,3 +137,15 @@ class Settings(BaseSettings):
         if url:
             return url
         return f"sqlite:///{(self.state_dir / f'{service}.sqlite3').resolve()}"
+
+    def broker_url_of(self, service: str) -> str:
+        """The broker URL `service` connects with: its FERRY_<SERVICE>_BROKER_URL, else
+        FERRY_BROKER_URL (also for a name that is not one of SERVICES, as tests' own)."""
+        url: str | None = getattr(self, f"{service}_broker_url", None) if (
+            service in SERVICES) else None
+        return url or self.broker_url
+
+    def for_service(self, service: str) -> Settings:
+        """These settings as `service` uses them: broker_url is its own broker URL."""
+        url = self.broker_url_of(service)
+        return self if url == self.broker_url else self.model_copy(update={"broker_url": url})

@@ -2,11 +2,18 @@
 
 - `ferry.events` (topic): every event, routing key = type (+ `.<datacenter>`).
 - each service's work queue: a quorum queue with an explicit delivery limit, dead-lettered
-  through `ferry.dead` into `<queue>.dead` (the broker's guard for a message that kills its
-  consumer before it can answer);
-- `<queue>.retry.<ms>ms`: one TTL queue per delay tier. Every message in it has the same
-  TTL, so expiry at the head (all RabbitMQ 3.10 does) is exact; it dead-letters back into
-  the work queue through the default exchange.
+  through `ferry.dead-letters` into `<queue>.dead` (the broker's guard for a message that
+  kills its consumer before it can answer);
+- `<queue>.retry.<ms>ms`: one TTL queue per delay tier, fed through `ferry.retry`. Every
+  message in it has the same TTL, so expiry at the head (all RabbitMQ 3.10 does) is exact;
+  it dead-letters back into the work queue through `ferry.retry` (routing key `<queue>`).
+
+Retries and dead letters go through topic exchanges, routing key = the queue's name, never
+the default exchange: RabbitMQ's topic permissions (ferry/broker.py) then hold each
+service's broker user to its own queues' keys, where write access to the default exchange
+would let it put a message into any queue by name. (Both were direct or default exchanges
+before, `ferry.dead` among them: an exchange's type cannot change under its name, hence
+the new names.)
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from dataclasses import dataclass
 from kombu import Exchange, Queue, binding
 
 EVENTS_EXCHANGE = Exchange("ferry.events", type="topic", durable=True)
-DEAD_EXCHANGE = Exchange("ferry.dead", type="direct", durable=True)
-DEFAULT_EXCHANGE = Exchange("", type="direct")
+RETRY_EXCHANGE = Exchange("ferry.retry", type="topic", durable=True)
+DEAD_EXCHANGE = Exchange("ferry.dead-letters", type="topic", durable=True)
+EXCHANGES = (EVENTS_EXCHANGE, RETRY_EXCHANGE, DEAD_EXCHANGE)
+DEFAULT_EXCHANGE = Exchange("", type="direct")  # operators' replays and memory:// only
 
 ATTEMPTS_HEADER = "x-ferry-attempts"
 ERROR_HEADER = "x-ferry-error"
@@ -112,8 +121,8 @@ def standing_queues(datacenters: Iterable[str] = ()) -> list[QueueSpec]:
 def work_queue(spec: QueueSpec, delivery_limit: int) -> Queue:
     return Queue(
         spec.name,
-        exchange=EVENTS_EXCHANGE,
-        bindings=[binding(EVENTS_EXCHANGE, routing_key=key) for key in spec.routing_keys],
+        bindings=[*(binding(EVENTS_EXCHANGE, routing_key=key) for key in spec.routing_keys),
+                  binding(RETRY_EXCHANGE, routing_key=spec.name)],  # expired retries
         durable=True,
         queue_arguments={
             "x-queue-type": "quorum",
@@ -125,7 +134,7 @@ def work_queue(spec: QueueSpec, delivery_limit: int) -> Queue:
 
 
 def dead_queue(name: str) -> Queue:
-    """`<name>.dead`, bound to `ferry.dead` with the work queue's name."""
+    """`<name>.dead`, bound to `ferry.dead-letters` with the work queue's name."""
     return Queue(
         f"{name}.dead",
         exchange=DEAD_EXCHANGE,
@@ -138,12 +147,12 @@ def dead_queue(name: str) -> Queue:
 def retry_queue(spec: QueueSpec, delay: float) -> Queue:
     return Queue(
         spec.retry_name(delay),
-        exchange=DEFAULT_EXCHANGE,
+        exchange=RETRY_EXCHANGE,
         routing_key=spec.retry_name(delay),
         durable=True,
         queue_arguments={
             "x-message-ttl": int(delay * 1000),
-            "x-dead-letter-exchange": "",
+            "x-dead-letter-exchange": RETRY_EXCHANGE.name,
             "x-dead-letter-routing-key": spec.name,
         },
     )

@@ -72,7 +72,7 @@ def test_work_queue_is_quorum_with_delivery_limit_and_dead_letter_route() -> Non
     queue = work_queue(QueueSpec("resolver", ("migration.submitted",)), delivery_limit=7)
     assert queue.queue_arguments == {
         "x-queue-type": "quorum", "x-delivery-limit": 7,
-        "x-dead-letter-exchange": "ferry.dead", "x-dead-letter-routing-key": "resolver",
+        "x-dead-letter-exchange": "ferry.dead-letters", "x-dead-letter-routing-key": "resolver",
     }
     retry = retry_queue(QueueSpec("resolver", ()), 1.5)
     assert retry.name == "resolver.retry.1500ms"

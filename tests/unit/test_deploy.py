@@ -6,26 +6,33 @@ import os
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+SERVICES = ("intake", "resolver", "snapshotter", "archiver", "transfer")
+SECRETS = {"FERRY_API_TOKEN": "a-token-for-the-check", "FERRY_BROKER_ADMIN_PASSWORD": "admin",
+           **{f"FERRY_{s.upper()}_BROKER_PASSWORD": f"pw-{s}" for s in SERVICES}}
+
+
 def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k != "FERRY_API_TOKEN"}
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
     return subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config",
                            "-q"], capture_output=True, text=True, timeout=60,
                           env={**clean, **env})
 
 
 def test_compose_file_is_accepted_by_docker_compose() -> None:
-    done = compose_config(FERRY_API_TOKEN="a-token-for-the-check")
+    done = compose_config(**SECRETS)
     assert done.returncode == 0, done.stderr
 
 
 def test_compose_will_not_start_intake_without_a_token() -> None:
-    done = compose_config()
+    done = compose_config(**{k: v for k, v in SECRETS.items() if k != "FERRY_API_TOKEN"})
     assert done.returncode != 0 and "FERRY_API_TOKEN" in done.stderr, done.stderr
     intake = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["intake"]
     assert intake["environment"]["FERRY_API_TOKEN"].startswith("${FERRY_API_TOKEN:?")
@@ -55,3 +62,46 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
     assert all(f"COPY {p} ./{p}\n" in dockerfile for p in packages), packages
     assert pyproject["project"]["scripts"]["ferry"] == "ferry.cli:main"
     assert 'ENTRYPOINT ["ferry"]' in dockerfile
+
+
+def _resolved() -> dict[str, Any]:
+    done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **SECRETS})
+    assert done.returncode == 0, done.stderr
+    return dict(yaml.safe_load(done.stdout)["services"])
+
+
+@pytest.mark.parametrize("missing", [k for k in SECRETS if k != "FERRY_API_TOKEN"])
+def test_compose_will_not_start_without_each_broker_password(missing: str) -> None:
+    done = compose_config(**{k: v for k, v in SECRETS.items() if k != missing})
+    assert done.returncode != 0 and missing in done.stderr, done.stderr
+
+
+def test_each_service_connects_as_its_own_broker_user_and_sees_no_other() -> None:
+    services = _resolved()
+    ferry = {name: s for name, s in services.items() if s.get("command", [""])[0] == "run"}
+    assert len(ferry) == 6, sorted(ferry)
+    for name, service in ferry.items():
+        own = service["command"][1]
+        broker = {k: v for k, v in service["environment"].items() if "BROKER" in k}
+        # only its own URL, with its own user and password: never the admin's FERRY_BROKER_URL
+        assert broker == {f"FERRY_{own.upper()}_BROKER_URL":
+                          f"amqp://ferry-{own}:pw-{own}@rabbitmq:5672/ferry"}, name
+        assert service["depends_on"]["broker-setup"]["condition"] == (
+            "service_completed_successfully"), name
+
+
+def test_broker_setup_declares_every_archivers_datacenter_as_the_admin() -> None:
+    services = _resolved()
+    setup = services["broker-setup"]
+    command = setup["command"]
+    assert command[:2] == ["broker", "setup"]
+    declared = {command[i + 1] for i, word in enumerate(command) if word == "--datacenter"}
+    archivers = {s["command"][s["command"].index("--datacenter") + 1]
+                 for s in services.values() if s.get("command", [""])[:2] == ["run", "archiver"]}
+    assert declared == archivers == {"ey04", "ey02"}
+    assert setup["environment"]["FERRY_BROKER_URL"] == "amqp://ferry:admin@rabbitmq:5672/ferry"
+    assert all(setup["environment"][f"FERRY_{s.upper()}_BROKER_PASSWORD"] == f"pw-{s}"
+               for s in SERVICES)
+    assert setup["depends_on"]["rabbitmq"]["condition"] == "service_healthy"

@@ -3,14 +3,28 @@ whose HANDLERS change without shared/topology.py changing fails here."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from ferry.broker import grant
+from ferry.event_map import DC, event_routes
 from services.archiver import handlers as archiver
 from services.resolver import handlers as resolver
 from services.snapshotter import handlers as snapshotter
 from services.transfer import handlers as transfer
 from shared.runtime import routing_keys
-from shared.topology import FIXED_BINDINGS, queue_name, standing_queues
+from shared.settings import SERVICES, Settings
+from shared.topology import (
+    DEAD_EXCHANGE,
+    EVENTS_EXCHANGE,
+    FIXED_BINDINGS,
+    RETRY_EXCHANGE,
+    QueueSpec,
+    all_queues,
+    queue_name,
+    standing_queues,
+)
 
 
 @pytest.mark.parametrize("service, handlers", [
@@ -30,3 +44,64 @@ def test_a_datacenters_standing_queue_takes_what_its_archiver_is_sent() -> None:
     sent_to_ey04 = {key for key in routing_keys(archiver.HANDLERS, "ey04")
                     if key.endswith(".ey04")}
     assert set(spec.routing_keys) == sent_to_ey04
+
+
+# -- each service's broker user (ferry/broker.py) --------------------------------------------
+
+def _may(pattern: str, name: str) -> bool:
+    return re.fullmatch(pattern, name) is not None
+
+
+def test_each_user_may_publish_exactly_the_events_its_code_emits() -> None:
+    routes = event_routes()
+    for service in SERVICES:
+        events = dict(grant(service).topics)[EVENTS_EXCHANGE.name]
+        for route in routes:
+            key = route.routing_key.replace(DC, "ey04")
+            assert _may(events, key) == (service in route.emitters), (service, key)
+        assert not _may(events, "#") and not _may(events, "archive.completed")
+    # the forgery the issue found: only the archiver may say an archive is complete
+    assert [s for s in SERVICES if _may(dict(grant(s).topics)[EVENTS_EXCHANGE.name],
+                                        "archive.completed.ey04")] == ["archiver"]
+
+
+def test_each_user_may_touch_only_its_own_queues_and_never_the_default_exchange() -> None:
+    queues = {"intake": "intake.status", "resolver": "resolver", "snapshotter": "snapshotter",
+              "archiver": "archiver.ey04", "transfer": "transfer"}
+    for service, own in queues.items():
+        rights = grant(service)
+        topics = dict(rights.topics)
+        assert rights.configure == "^$" and not _may(rights.write, "amq.default")
+        assert not _may(rights.write, "") and not _may(rights.write, "ferry.dead")
+        for other in queues.values():
+            mine = other == own
+            assert _may(rights.read, other) == mine, (service, other)
+            assert _may(topics[DEAD_EXCHANGE.name], other) == mine, (service, other)
+            assert _may(topics[RETRY_EXCHANGE.name], f"{other}.retry.1000ms") == mine
+            assert not _may(topics[RETRY_EXCHANGE.name], other)  # expiry is the broker's
+        assert not _may(rights.read, f"{own}.dead")  # operators replay, with the admin's
+
+
+def test_retries_and_dead_letters_never_go_through_the_default_exchange() -> None:
+    spec = QueueSpec("resolver", ("migration.submitted",))
+    work, dead, *retries = all_queues(spec, 10, (1.0, 5.0))
+    assert work.queue_arguments["x-dead-letter-exchange"] == DEAD_EXCHANGE.name
+    assert {b.exchange.name: b.routing_key for b in work.bindings}[RETRY_EXCHANGE.name] == (
+        "resolver")
+    assert dead.exchange.name == DEAD_EXCHANGE.name and dead.routing_key == "resolver"
+    for retry in retries:
+        assert retry.exchange.name == RETRY_EXCHANGE.name == retry.queue_arguments[
+            "x-dead-letter-exchange"]
+        assert retry.queue_arguments["x-dead-letter-routing-key"] == "resolver"
+    assert {e.type for e in (EVENTS_EXCHANGE, RETRY_EXCHANGE, DEAD_EXCHANGE)} == {"topic"}
+
+
+def test_each_service_reads_its_own_broker_url_else_the_shared_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_BROKER_URL", "amqp://admin@rabbit/ferry")
+    monkeypatch.setenv("FERRY_ARCHIVER_BROKER_URL", "amqp://ferry-archiver@rabbit/ferry")
+    settings = Settings()
+    assert settings.for_service("archiver").broker_url == "amqp://ferry-archiver@rabbit/ferry"
+    assert settings.for_service("resolver").broker_url == "amqp://admin@rabbit/ferry"
+    assert settings.for_service("echo") is settings  # a test's own service
+    assert Settings(broker_url="memory://").for_service("intake").broker_url == "memory://"
