@@ -30,6 +30,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import typer
 
 from ferry.event_map import event_routes
+from services.resolver.inventory import FileInventory
 from shared.bus import declare_all
 from shared.contracts import EVENTS
 from shared.errors import ConfigurationError
@@ -187,7 +188,8 @@ def setup(admin_url: str, settings: Settings, *, vhost: str | None, datacenters:
     (a queue with other arguments), kombu/amqp errors."""
     if not datacenters:
         raise BrokerSetupError("give --datacenter DC for every datacenter whose archivers will "
-                               "run: its queue archiver.<DC> is declared here")
+                               "run (or FERRY_INVENTORY as a file naming them): its queue "
+                               "archiver.<DC> is declared here")
     vhost = vhost or vhost_of(admin_url)
     if vhost not in ctl.names("list_vhosts", "name"):
         ctl("add_vhost", vhost)
@@ -221,6 +223,14 @@ def env_passwords(environ: dict[str, str]) -> dict[str, str]:
             if environ.get(password_variable(s))}
 
 
+def inventory_datacenters(settings: Settings) -> list[str]:
+    """The datacenters FERRY_INVENTORY names when it is a file (an HTTP inventory lists
+    none: give -d). Raises ConfigurationError for an unreadable file."""
+    if not settings.inventory or settings.inventory.startswith(("http://", "https://")):
+        return []
+    return sorted(FileInventory(Path(settings.inventory)).document().datacenters)
+
+
 broker_app = typer.Typer(no_args_is_help=True, help="The broker: each service its own user.")
 
 
@@ -228,7 +238,7 @@ broker_app = typer.Typer(no_args_is_help=True, help="The broker: each service it
 def setup_command(
     datacenter: Annotated[list[str] | None, typer.Option(
         "--datacenter", "-d", help="a datacenter whose archiver queue to declare "
-                                   "(repeat for each)")] = None,
+                                   "(repeat for each; default: FERRY_INVENTORY's)")] = None,
     vhost: Annotated[str | None, typer.Option(help="default: FERRY_BROKER_URL's")] = None,
     password_file: Annotated[Path | None, typer.Option(
         help="FERRY_<SERVICE>_BROKER_PASSWORD=... lines: used, missing ones generated and "
@@ -250,7 +260,8 @@ def setup_command(
     if password_file is not None and password_file.exists():
         passwords.update(read_passwords(password_file))
     given = set(passwords)
-    made = setup(settings.broker_url, settings, vhost=vhost, datacenters=datacenter or [],
+    made = setup(settings.broker_url, settings, vhost=vhost,
+                 datacenters=datacenter or inventory_datacenters(settings),
                  passwords=passwords, ctl=Rabbitmqctl(shlex.split(rabbitmqctl)),
                  prefix=user_prefix)
     if password_file is not None:

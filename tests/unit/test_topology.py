@@ -4,10 +4,11 @@ whose HANDLERS change without shared/topology.py changing fails here."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from ferry.broker import grant
+from ferry.broker import grant, inventory_datacenters
 from ferry.event_map import DC, event_routes
 from services.archiver import handlers as archiver
 from services.resolver import handlers as resolver
@@ -105,3 +106,12 @@ def test_each_service_reads_its_own_broker_url_else_the_shared_one(
     assert settings.for_service("resolver").broker_url == "amqp://admin@rabbit/ferry"
     assert settings.for_service("echo") is settings  # a test's own service
     assert Settings(broker_url="memory://").for_service("intake").broker_url == "memory://"
+
+
+def test_broker_setup_takes_the_datacenters_an_inventory_file_names() -> None:
+    root = Path(__file__).resolve().parents[2]
+    assert inventory_datacenters(Settings(inventory=str(root / "examples/inventory.yaml"))) == [
+        "ey02", "ey04"]
+    # an HTTP inventory lists none: setup then asks for -d
+    assert inventory_datacenters(Settings(inventory="http://127.0.0.1:9/inventory")) == []
+    assert inventory_datacenters(Settings(inventory=None)) == []
