@@ -196,8 +196,9 @@ def demo(
         "--ssh", help="reach the old hosts and the destination through an sshd started on "
                       "127.0.0.1 (needs openssh-server)")] = False,
 ) -> None:
-    """Run a whole migration of sample data on the embedded default (one process, memory
-    broker, SQLite, local executor); exit 0 only when every archive arrived verified."""
+    """Run a whole migration of sample data on the embedded default (one process, the
+    embedded broker and SQLite, local executor); exit 0 only when every archive arrived
+    verified."""
     import os
 
     from ferry.demo import run_demo

@@ -1,6 +1,6 @@
 """`ferry demo`: a whole migration of sample data on the embedded default.
 
-Every service runs in this process (memory broker, one SQLite file per service, hosts
+Every service runs in this process (the embedded broker, one SQLite file per service, hosts
 reached by the local executor); the document goes in through intake's real HTTP endpoint;
 the archives end up verified under DIR/destination/<migration>/.
 """
@@ -24,6 +24,7 @@ from ferry.demo_site import DATACENTER, DemoSite, build_site, drop_database, mys
 from ferry.loopback_sshd import SshServer, free_port
 from services.intake.stats import render_stats
 from shared.digests import file_sha256
+from shared.embedded_broker import embedded_url
 from shared.runtime import Service
 from shared.settings import SERVICES, Settings
 
@@ -40,7 +41,8 @@ def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None,
                     "destination": f"{sshd.user}@127.0.0.1:{sshd.port}:"
                                    f"{workdir / 'destination'}"}
     values: dict[str, Any] = dict(
-        broker_url="memory://", state_dir=workdir / "state", staging_dir=workdir / "staging",
+        broker_url=embedded_url(workdir / "state"), state_dir=workdir / "state",
+        staging_dir=workdir / "staging",
         destination=str(workdir / "destination"), inventory=str(site.inventory_path),
         intake_bind=f"127.0.0.1:{free_port()}", api_token=secrets.token_urlsafe(24),
         source_db_host=db.host, source_db_port=db.port, source_db_user=db.user, source_nice=False,

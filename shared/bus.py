@@ -30,6 +30,7 @@ from typing import Any
 from kombu import Connection, Consumer, Message, Producer, Queue
 from kombu.mixins import ConsumerMixin
 
+from shared import embedded_broker
 from shared.contracts import Event
 from shared.db import is_unreachable
 from shared.envelope import Envelope
@@ -69,8 +70,13 @@ FailureHook = Callable[[Any, Envelope, BaseException], None]
 
 
 def connect(url: str, *, confirm: bool = False) -> Connection:
-    """A kombu connection; `confirm` turns on publisher confirms (AMQP only)."""
+    """A kombu connection; `confirm` turns on publisher confirms (AMQP only: the embedded
+    broker commits a publish before it returns). `sqlite+ferry:///path` is the embedded
+    broker (shared.embedded_broker). Raises ValueError for a malformed embedded URL."""
     options: dict[str, Any] = {"confirm_publish": True} if confirm else {}
+    if url.startswith(embedded_broker.SCHEME):
+        options["path"] = str(embedded_broker.broker_path(url))
+        return Connection(transport=embedded_broker.Transport, transport_options=options)
     if url.startswith("memory:"):
         # The in-memory transport polls its queues; its default 1 s is a second per hop.
         options["polling_interval"] = 0.02
@@ -84,8 +90,10 @@ def raw_body(message: Message) -> bytes:
 
 
 def supports_ttl(connection: Connection) -> bool:
-    """In-memory transports have no TTL or dead-lettering: retries are timed in-process."""
-    return str(connection.transport.driver_type) in {"amqp", "pyamqp"}
+    """RabbitMQ and the embedded broker keep delayed retries, dead letters and `mandatory`
+    returns; the in-memory transport has none of them: its retries are timed in-process."""
+    return str(connection.transport.driver_type) in {"amqp", "pyamqp",
+                                                      embedded_broker.Transport.driver_type}
 
 
 class UnroutableError(TransientError):

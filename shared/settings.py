@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.embedded_broker import embedded_url
 
 SERVICES = ("intake", "resolver", "snapshotter", "archiver", "transfer")
 
@@ -16,7 +18,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
 
-    broker_url: str = "memory://"
+    # Unset: the embedded broker in <state_dir>/broker.sqlite3 (shared.embedded_broker),
+    # durable across a SIGKILL; `amqp://…` for RabbitMQ; `memory://` for tests in one process.
+    broker_url: str = ""
     # Each service's own broker user (`ferry broker setup`); unset, FERRY_BROKER_URL's.
     intake_broker_url: str | None = None
     resolver_broker_url: str | None = None
@@ -125,6 +129,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(float(part) for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _embedded_broker_by_default(self) -> Settings:
+        if not self.broker_url:
+            self.broker_url = embedded_url(self.state_dir)
+        return self
 
     def database_url(self, service: str) -> str:
         """The service's own database URL: its FERRY_<SERVICE>_DATABASE_URL, else a SQLite file.

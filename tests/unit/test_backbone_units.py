@@ -93,7 +93,8 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FERRY_STATE_DIR", "/tmp/ferry-state")
     settings = Settings()
     assert settings.retry_delays == (0.5, 2.0)
-    assert settings.broker_url == "memory://"
+    # the embedded broker, durable, in the state directory, unless FERRY_BROKER_URL says
+    assert settings.broker_url == "sqlite+ferry:///tmp/ferry-state/broker.sqlite3"
     assert settings.database_url("resolver") == "postgresql://x/y"
     assert settings.database_url("intake") == "sqlite:////tmp/ferry-state/intake.sqlite3"
     with pytest.raises(ValueError, match="unknown service 'billing'"):
