@@ -26,9 +26,8 @@ from ferry.demo_site import build_site, drop_database
 from ferry.dlq import list_dead
 from shared.embedded_broker import embedded_url
 from shared.topology import FIXED_QUEUES
-from tests.e2e.checks import check_destination, jobs_of
+from tests.e2e.checks import assert_once, check_destination, jobs_of
 from tests.e2e.harness import pipeline_env
-from tests.e2e.test_scale_out import _assert_once
 from tests.support.helpers import wait_for
 from tests.support.processes import ChildProcess
 
@@ -198,8 +197,8 @@ def test_run_all_killed_at_every_stage_completes_every_migration(
         jobs = jobs_of(f"sqlite:///{workdir}/state/intake.sqlite3", migration_id)
         assert check_destination(workdir / "destination" / migration_id, jobs, site.database,
                                  tmp_path / "scratch") == 7
-        _assert_once({name: f"sqlite:///{workdir}/state/{name}.sqlite3"
-                      for name in ("archiver", "transfer")})
+        assert_once({name: f"sqlite:///{workdir}/state/{name}.sqlite3"
+                     for name in ("archiver", "transfer")}, 7)
         broker = embedded_url(workdir / "state")
         for queue in [*FIXED_QUEUES, "archiver.ey04"]:
             assert list_dead(broker, queue) == [], queue
