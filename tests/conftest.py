@@ -11,10 +11,12 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
+from shared.embedded_broker import embedded_url
 from tests.support.processes import ChildProcess, children
 
 # The tests' old hosts are this machine: allow the inventory host `local` (never the
@@ -100,10 +102,15 @@ class Backbone:
         return self.broker_url.startswith("amqp")
 
 
-@pytest.fixture(params=["embedded", "rabbitmq+postgres"])
-def backbone(request: pytest.FixtureRequest, tmp_path: object) -> Backbone:
+@pytest.fixture(params=["embedded", "durable", "rabbitmq+postgres"])
+def backbone(request: pytest.FixtureRequest, tmp_path: Path) -> Backbone:
+    """`embedded`: memory://, in one process; `durable`: the default embedded broker (a
+    SQLite file, shared.embedded_broker); `rabbitmq+postgres`: the real ones."""
     if request.param == "embedded":
         return Backbone("embedded", "memory://", f"sqlite:///{tmp_path}/echo.sqlite3")
+    if request.param == "durable":
+        return Backbone("durable", embedded_url(tmp_path / "broker"),
+                        f"sqlite:///{tmp_path}/echo.sqlite3")
     broker = request.getfixturevalue("rabbit_url")
     database = request.getfixturevalue("pg_url")
     return Backbone(request.param, broker, database)
