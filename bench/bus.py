@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
 from kombu import Connection, Queue
 from rich.console import Console
 from rich.table import Table
