@@ -2,7 +2,8 @@
 
 They run only on a structurally valid document (`shared.document.validate_document` parses
 first), so every field is present and well-formed here; what can still be wrong is how the
-parts refer to each other.
+parts refer to each other. Every rule is linear in the document's size: a lookup is in a
+dict or set built once, never a scan of a list inside a loop over another.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from shared.document_errors import ERRORS_KEPT
+from shared.document_index import DocumentIndex
 from shared.document_schema import (
+    MAX_FILESYSTEMS_IN_ALL,
+    MAX_PORT_TARGETS_IN_ALL,
     DocumentError,
-    Environment,
     MigrationDocument,
-    Vm,
     json_pointer,
 )
 
@@ -27,11 +30,14 @@ _A_KIND: dict[Kind, str] = {
     "database_group": "a database group",
 }
 K = TypeVar("K", bound=Hashable)
+HOLDERS_SHOWN = 5  # VMs named in a message about too many of them
 
 
-def semantic_errors(document: MigrationDocument) -> list[DocumentError]:
-    """Every semantic rule `document` breaks, in document order; empty when it keeps them all."""
-    return _Rules(document).check()
+def semantic_errors(document: MigrationDocument) -> tuple[list[DocumentError], int]:
+    """The first ERRORS_KEPT semantic problems of `document`, in document order, and how many
+    there are in all (0 when it keeps every rule)."""
+    rules = _Rules(document)
+    return rules.check(), rules.total
 
 
 @dataclass(frozen=True)
@@ -48,15 +54,25 @@ def _first_seen(seen: dict[K, str], key: K, path: str) -> str | None:
     return earlier
 
 
+def _some(names: list[str]) -> str:
+    """The first HOLDERS_SHOWN names, and how many more: a message stays short."""
+    shown = ", ".join(names[:HOLDERS_SHOWN])
+    rest = len(names) - HOLDERS_SHOWN
+    return f"{shown} and {rest:,} more" if rest > 0 else shown
+
+
 class _Rules:
     def __init__(self, document: MigrationDocument) -> None:
         self.document = document
         self.errors: list[DocumentError] = []
+        self.total = 0
         self.declared: dict[str, _Declared] = {}
-        self.vms: dict[str, Vm] = {}
-        self.environments: dict[str, Environment] = {}
+        self.index = DocumentIndex(document)
+        self.vms = self.index.vms  # filled as they are declared: the first of a duid wins
+        self.environments = self.index.environments
 
     def check(self) -> list[DocumentError]:
+        self._check_totals()
         self._declare_duids()
         self._check_environments()
         self._check_vms()
@@ -69,7 +85,26 @@ class _Rules:
         return self.errors
 
     def _error(self, path: str, message: str) -> None:
-        self.errors.append(DocumentError(path=path, message=message))
+        self.total += 1
+        if len(self.errors) < ERRORS_KEPT:
+            self.errors.append(DocumentError(path=path, message=message))
+
+    def _check_totals(self) -> None:
+        doc = self.document
+        filesystems = (((("vms", i, "disks", d, "filesystems")), len(disk.filesystems))
+                       for i, vm in enumerate(doc.vms) for d, disk in enumerate(vm.disks))
+        targets = ((("public_ips", i, "port_mappings", m, "vms"), len(mapping.vms))
+                   for i, ip in enumerate(doc.public_ips)
+                   for m, mapping in enumerate(ip.port_mappings))
+        for parts, limit, what in ((filesystems, MAX_FILESYSTEMS_IN_ALL, "filesystems"),
+                                   (targets, MAX_PORT_TARGETS_IN_ALL, "port-mapping targets")):
+            count = 0
+            for where, size in parts:
+                count += size
+                if count > limit:
+                    self._error(json_pointer(*where),
+                                f"the document holds more than {limit} {what} in all")
+                    break
 
     def _declare(self, kind: Kind, duid: str, path: str) -> bool:
         first = self.declared.get(duid)
@@ -126,7 +161,7 @@ class _Rules:
         for i, vm in enumerate(self.document.vms):
             path = json_pointer("vms", i, "environment")
             if self._refers(path, vm.environment, "environment", "environment"):
-                if vm.duid not in self.environments[vm.environment].vms:
+                if vm.duid not in self.index.members_of(vm.environment):
                     self._error(
                         path,
                         f"vm {vm.duid!r} says it is in environment {vm.environment!r}, "
@@ -194,21 +229,10 @@ class _Rules:
                             f"database replica {replica!r} has role {role!r}, not 'db_replica'",
                         )
 
-    def _vms_mounting(self, environment: Environment, mountpoint: str) -> list[str]:
-        return [
-            vm_duid
-            for vm_duid in dict.fromkeys(environment.vms)  # a VM listed twice counts once
-            if vm_duid in self.vms
-            and any(
-                filesystem.mountpoint == mountpoint
-                for disk in self.vms[vm_duid].disks
-                for filesystem in disk.filesystems
-            )
-        ]
-
     def _check_shared_filesystems(self) -> None:
         sources: dict[tuple[str, str], str] = {}
         targets: dict[tuple[str, str], str] = {}
+        holding = self.index.holders()
         for i, move in enumerate(self.document.migration.shared_filesystems):
             path = json_pointer("migration", "shared_filesystems", i)
             shown = f"{move.mountpoint!r}"
@@ -223,14 +247,14 @@ class _Rules:
             env = move.new_environment
             if not self._refers(env_path, env, "environment", "shared filesystem target"):
                 continue
-            holders = self._vms_mounting(self.environments[env], move.mountpoint)
+            holders = holding.get((env, move.mountpoint), [])
             if not holders:
                 self._error(path, f"environment {env!r} has no VM with a filesystem at {shown}")
             elif len(holders) > 1:
                 self._error(
                     path,
                     f"environment {env!r} has {len(holders)} VMs with a filesystem at {shown} "
-                    f"({', '.join(holders)}); exactly one must receive the shared filesystem",
+                    f"({_some(holders)}); exactly one must receive the shared filesystem",
                 )
             elif (earlier := _first_seen(targets, (env, move.mountpoint), path)) is not None:
                 self._error(
