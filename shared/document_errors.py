@@ -24,6 +24,9 @@ class DocumentError(BaseModel):
 
 def json_pointer(*parts: str | int) -> str:
     """The RFC 6901 pointer to `parts` ("" for the root), escaping "~" and "/"."""
+    joined = "/".join(map(str, parts))
+    if "~" not in joined and joined.count("/") == len(parts) - 1:
+        return "/" + joined if parts else ""  # the usual case: nothing to escape
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
 
 

@@ -30,11 +30,11 @@ class DocumentIndex:
         """Where a VM has filesystems, as a set (made once per VM)."""
         found = self._mountpoints.get(vm_duid)
         if found is None:
-            found = self._mountpoints[vm_duid] = frozenset(
+            found = self._mountpoints[vm_duid] = frozenset({
                 filesystem.mountpoint
                 for disk in self.vms[vm_duid].disks
                 for filesystem in disk.filesystems
-            )
+            })
         return found
 
     def holders(self) -> dict[tuple[str, str], list[str]]:
