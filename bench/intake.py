@@ -1,13 +1,17 @@
-"""Intake: how fast a 100-VM migration document is validated and accepted.
+"""Intake: how fast a migration document is validated and accepted, ordinary and worst case.
 
-In-process: FastAPI's TestClient against create_app on a SQLite file (WAL), the same code
-path `POST /migrations` runs under uvicorn minus the socket. The document is generated in
-the shape of examples/migration.json: 10 app environments of 8 VMs (one with the shared
-/data each) behind their own public IP, 10 MySQL master/replica pairs, and every app VM's
-local filesystems moved from an old VM. Cases run alternately in rounds so that machine
-noise falls on all of them alike.
+1. In-process (FastAPI's TestClient against create_app on a SQLite file, WAL: the code path
+   of `POST /migrations` minus the socket): the 100-VM document in the shape of
+   examples/migration.json, then the field report's worst cases at 1 MiB (one environment
+   holding 4,500 VMs, thousands of shared-filesystem moves into it; valid, and wrong in
+   every move), and 500,000 wrong public IPs. Floors in the same run: `json.loads` alone
+   and pydantic's structural validation alone. Then validation time against size.
+2. A real intake (uvicorn in its own process, PostgreSQL): p99 of good POSTs from 4
+   clients, alone and while another client sends 40 invalid 1 MiB documents at once.
+3. RabbitMQ: dead letters replayed once each while every replayed copy dies again.
+Cases run alternately in rounds so that machine noise falls on all of them alike.
 
-Run: .venv/bin/python bench/intake.py [--rounds 10] [--per-round 20]
+Run: .venv/bin/python bench/intake.py [--rounds 10] [--per-round 20] [--skip-load]
 """
 
 from __future__ import annotations
@@ -21,71 +25,38 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from intake_documents import (  # noqa: E402 - beside this file
+    compact,
+    fitting,
+    ordinary,
+    worst_invalid,
+    worst_valid,
+    wrong_shape,
+)
+
 from services.intake.api import create_app  # noqa: E402
-from shared.document import validate_document  # noqa: E402
+from shared.document import DocumentInvalidError, MigrationDocument  # noqa: E402
+from shared.document import validate_document as validate  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 TOKEN = uuid.uuid4().hex  # the API is benched with its bearer check on, as deployed
 HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+CONSOLE = Console(width=120)
 
 
-def disk(mountpoint: str, size: int) -> dict[str, Any]:
-    return {"size_gib": size + 5,
-            "filesystems": [{"mountpoint": mountpoint, "size_gib": size, "fs_type": "ext3"}]}
-
-
-def vm(duid: str, role: str, environment: str, *mounts: str) -> dict[str, Any]:
-    return {"duid": duid, "role": role, "environment": environment, "memory_mib": 1792,
-            "vcpus": 2, "disks": [disk("/", 15), *(disk(m, 50) for m in mounts)]}
-
-
-def document(app_envs: int = 10, vms_per_env: int = 8, db_pairs: int = 10) -> dict[str, Any]:
-    """A valid document with app_envs * vms_per_env + 2 * db_pairs VMs."""
-    environments, vms, ips, groups = [], [], [], []
-    shared, equivalences, databases, local = [], [], [], []
-    for e in range(app_envs):
-        env = f"env_app_{e}"
-        members = [f"vm_{e}_{n}" for n in range(vms_per_env)]
-        environments.append({"duid": env, "name_hint": f"app {e}", "vms": members})
-        for n, duid in enumerate(members):
-            vms.append(vm(duid, "app", env, *(["/data"] if n == 0 else [])))
-            local.append({"old_vm": f"ey04-s{50000 + e * vms_per_env + n}", "new_vm": duid})
-        ips.append({"duid": f"ip_{e}", "port_mappings": [
-            {"protocol": "tcp", "external_port": port, "vms": members, "internal_port": port}
-            for port in (443, 80)]})
-        shared.append({"old_environment": f"ey04-e{75 + e:05d}", "mountpoint": "/data",
-                       "new_environment": env})
-        equivalences.append({"old_ip": f"203.0.113.{10 + e}", "new_public_ip": f"ip_{e}"})
-    for d in range(db_pairs):
-        env, master, replica = f"env_db_{d}", f"vm_db_{d}_m", f"vm_db_{d}_r"
-        environments.append({"duid": env, "name_hint": f"db {d}", "vms": [master, replica]})
-        vms += [vm(master, "db_master", env, "/var/lib/mysql"),
-                vm(replica, "db_replica", env, "/var/lib/mysql")]
-        groups.append({"duid": f"db_{d}", "engine": "mysql", "version": "5.0.51",
-                       "master": master, "replicas": [replica]})
-        databases.append({"name": f"shop_{d}_production", "old_master": f"mysql-{d}-master",
-                          "old_replica": f"mysql-{d}-replica", "new_database_group": f"db_{d}"})
-    return {"version": 1, "customer": {"id": "cust-2000", "name": "Bench Corp."},
-            "environments": environments, "vms": vms, "public_ips": ips,
-            "database_groups": groups,
-            "migration": {"shared_filesystems": shared, "ip_equivalences": equivalences,
-                          "databases": databases, "local_filesystems": local}}
-
-
-def measure(cases: dict[str, Callable[[], None]], rounds: int,
+def measure(cases: dict[str, Callable[[], object]], rounds: int,
             per_round: int) -> dict[str, list[float]]:
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for run in cases.values():  # warm up imports, caches, the SQLite file
-        for _ in range(3):
-            run()
+        run()
     for _ in range(rounds):
         for name, run in cases.items():
             for _ in range(per_round):
@@ -100,40 +71,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--per-round", type=int, default=20)
-    args = parser.parse_args()
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}"
 
-    raw = document()
-    assert len(raw["vms"]) == 100
-    body = json.dumps(raw, indent=2).encode()
-    validate_document(json.loads(body))  # the generated document must be valid
-    with tempfile.TemporaryDirectory(prefix="bench-intake-") as state:
-        app = create_app(Settings(intake_database_url=f"sqlite:///{state}/intake.sqlite3",
-                                  api_token=TOKEN))
-        client = TestClient(app)
 
-        def post(headers: dict[str, str]) -> None:
-            response = client.post("/migrations", content=body, headers=headers)
-            assert response.status_code == 202, response.text
+def validate_document(raw: object) -> object:
+    try:
+        return validate(raw)
+    except DocumentInvalidError as invalid:
+        return invalid
 
-        cases: dict[str, Callable[[], None]] = {
-            "baseline: json.loads only": lambda: json.loads(body),
-            "validate_document (parse + rules)": lambda: validate_document(json.loads(body)),
-            "POST /migrations, accepted + stored": lambda: post(HEADERS),
-            "POST /migrations, Idempotency-Key": lambda: post(
-                {**HEADERS, "Idempotency-Key": uuid.uuid4().hex}),
-            "POST /migrations, replayed key": lambda: post(
-                {**HEADERS, "Idempotency-Key": "same-key"}),
-        }
-        timings = measure(cases, args.rounds, args.per_round)
-        client.close()
-        app.state.engine.dispose()
 
-    table = Table(title=f"intake: 100-VM document ({len(body) / 1024:.0f} KiB), "
-                        f"{args.rounds} rounds x {args.per_round}, SQLite, in-process")
+def pydantic_only(raw: object) -> object:
+    try:
+        return MigrationDocument.model_validate(raw)
+    except ValidationError as invalid:
+        return invalid
+
+
+def ordinary_cases(client: TestClient, body: bytes) -> dict[str, Callable[[], object]]:
+    def post(headers: dict[str, str]) -> None:
+        response = client.post("/migrations", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+
+    return {
+        "baseline: json.loads only": lambda: json.loads(body),
+        "validate_document (parse + rules)": lambda: validate_document(json.loads(body)),
+        "POST /migrations, accepted + stored": lambda: post(HEADERS),
+        "POST /migrations, Idempotency-Key": lambda: post(
+            {**HEADERS, "Idempotency-Key": uuid.uuid4().hex}),
+        "POST /migrations, replayed key": lambda: post(
+            {**HEADERS, "Idempotency-Key": "same-key"}),
+    }
+
+
+def print_ordinary(timings: dict[str, list[float]], title: str) -> None:
+    table = Table(title=title)
     for column in ("case", "docs/s", "p50 ms", "p99 ms", "vs validate p50"):
         table.add_column(column, justify="left" if column == "case" else "right")
     reference = statistics.median(timings["validate_document (parse + rules)"])
@@ -141,7 +114,143 @@ def main() -> None:
         p50 = statistics.median(values)
         table.add_row(name, f"{len(values) / sum(values):,.0f}", f"{p50 * 1000:.2f}",
                       f"{percentile(values, 0.99) * 1000:.2f}", f"{p50 / reference:.2f}x")
-    Console(width=110).print(table)
+    CONSOLE.print(table)
+
+
+def worst_cases(client: TestClient, rounds: int) -> None:
+    moves_valid, valid = fitting(worst_valid, vms=4500, moves=6500)
+    moves_invalid, invalid = fitting(worst_invalid, vms=4500, moves=6500)
+    shape = compact(wrong_shape())
+    documents = {
+        f"valid: 4,500 VMs, {moves_valid:,} moves": (valid, 202),
+        f"invalid: 4,500 VMs, {moves_invalid:,} wrong moves": (invalid, 422),
+        "invalid: 500,000 public IPs that are 0": (shape, 422),
+    }
+    table = Table(title=f"intake: worst-case documents, {rounds} rounds, in-process, SQLite "
+                        "(goal: POST answered in <= 200 ms)")
+    for column in ("document", "bytes", "errors", "json.loads", "pydantic only",
+                   "validate_document", "POST p50", "POST max", "goal"):
+        table.add_column(column, justify="left" if column == "document" else "right")
+    for name, (body, status) in documents.items():
+        raw = json.loads(body)
+
+        def post(body: bytes = body, status: int = status) -> None:
+            response = client.post("/migrations", content=body, headers=HEADERS)
+            assert response.status_code == status, response.text[:300]
+
+        found = validate_document(raw)
+        errors = found.total if isinstance(found, DocumentInvalidError) else 0
+        timings = measure({"json": lambda body=body: json.loads(body),
+                           "pydantic": lambda raw=raw: pydantic_only(raw),
+                           "validate": lambda raw=raw: validate_document(raw),
+                           "post": post}, rounds, 1)
+        p50 = {k: statistics.median(v) for k, v in timings.items()}
+        worst = max(timings["post"])
+        table.add_row(name, f"{len(body):,}", f"{errors:,}", ms(p50["json"]),
+                      ms(p50["pydantic"]), ms(p50["validate"]), ms(p50["post"]), ms(worst),
+                      "met" if worst <= 0.2 else "MISSED")
+    CONSOLE.print(table)
+
+
+def linearity(rounds: int) -> None:
+    table = Table(title="intake: validate_document against size (median ms; linear means "
+                        "ms per 100 KiB stays flat)")
+    for column in ("document", "share of 1 MiB", "VMs", "moves", "KiB", "json.loads",
+                   "validate_document", "ms per 100 KiB"):
+        table.add_column(column, justify="left" if column == "document" else "right")
+    for name, build in (("valid", worst_valid), ("invalid", worst_invalid)):
+        moves, _ = fitting(build, vms=4500, moves=6500)
+        for share in (0.25, 0.5, 1.0):
+            vms, count = int(4500 * share), int(moves * share)
+            body = compact(build(vms, count))
+            timings = measure({"json": lambda body=body: json.loads(body),
+                               "validate": lambda body=body: validate_document(
+                                   json.loads(body))}, rounds, 1)
+            took = statistics.median(timings["validate"])
+            table.add_row(name, f"{share:g}", f"{vms:,}", f"{count:,}",
+                          f"{len(body) / 1024:,.0f}", ms(statistics.median(timings["json"])),
+                          ms(took), f"{took * 1000 / (len(body) / 102400):.1f}")
+    CONSOLE.print(table)
+
+
+def served(per_client: int) -> None:
+    from intake_load import intake_server, pg_database, run_load
+
+    good = json.dumps(ordinary(), indent=2).encode()
+    _, bad = fitting(worst_invalid, vms=4500, moves=6500)
+    table = Table(title="intake under load: uvicorn in its own process, PostgreSQL, httpx "
+                        "clients on loopback (goal: good POSTs p99 <= 50 ms)")
+    for column in ("case", "requests", "answers", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+
+    def row(name: str, found: object) -> None:
+        values, statuses = found.values, found.statuses  # type: ignore[attr-defined]
+        table.add_row(name, f"{len(values):,}",
+                      ", ".join(f"{n} x {s}" for s, n in sorted(statuses.items())),
+                      ms(statistics.median(values)), ms(percentile(values, 0.99)),
+                      ms(max(values)))
+
+    with pg_database() as database, intake_server(database, TOKEN) as url:
+        run_load(url, HEADERS, good, clients=1, per_client=20)  # warm up
+        row("baseline: 1 client, good POSTs",
+            run_load(url, HEADERS, good, clients=1, per_client=per_client)["good"])
+        row("4 clients, good POSTs",
+            run_load(url, HEADERS, good, clients=4, per_client=per_client)["good"])
+        found = run_load(url, HEADERS, good, clients=4, per_client=per_client, bad=bad,
+                         bad_count=40)
+        row("4 clients + 40 invalid 1 MiB at once: good POSTs", found["good"])
+        row("  the same: GET /healthz", found["healthz"])
+        row("  the same: the 40 invalid POSTs", found["bad"])
+    CONSOLE.print(table)
+
+
+def dead_letters(count: int) -> None:
+    from intake_dlq import rabbit_vhost, replay_bench
+
+    with rabbit_vhost() as url:
+        found = replay_bench(url, count)
+    table = Table(title=f"ferry dlq replay --all: {count} dead letters on RabbitMQ, every "
+                        "replayed copy rejected again by a consumer")
+    for column in ("dead at start", "replayed", "distinct ids", "copies consumed",
+                   "most copies of one id", "dead after (each id)", "replay s"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{found.dead}", f"{found.replayed}", f"{found.distinct}",
+                  f"{sum(found.consumed.values())}",
+                  f"{max(found.consumed.values(), default=0)}",
+                  f"{sum(found.dead_after.values())} "
+                  f"({max(found.dead_after.values(), default=0)})", f"{found.seconds:.2f}")
+    CONSOLE.print(table)
+    verdict = found.replayed == found.distinct == count and set(found.consumed.values()) == {1}
+    CONSOLE.print("replayed exactly once each" if verdict else "NOT once each")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=20)
+    parser.add_argument("--per-client", type=int, default=100)
+    parser.add_argument("--dead-letters", type=int, default=300)
+    parser.add_argument("--skip-load", action="store_true", help="in-process cases only")
+    args = parser.parse_args()
+
+    raw = ordinary()
+    assert len(raw["vms"]) == 100
+    body = json.dumps(raw, indent=2).encode()
+    validate(json.loads(body))  # the generated document must be valid
+    with tempfile.TemporaryDirectory(prefix="bench-intake-") as state:
+        app = create_app(Settings(intake_database_url=f"sqlite:///{state}/intake.sqlite3",
+                                  api_token=TOKEN))
+        client = TestClient(app)
+        timings = measure(ordinary_cases(client, body), args.rounds, args.per_round)
+        print_ordinary(timings, f"intake: 100-VM document ({len(body) / 1024:.0f} KiB), "
+                                f"{args.rounds} rounds x {args.per_round}, SQLite, in-process")
+        worst_cases(client, args.rounds)
+        client.close()
+        app.state.engine.dispose()
+    linearity(args.rounds)
+    if not args.skip_load:
+        served(args.per_client)
+        dead_letters(args.dead_letters)
 
 
 if __name__ == "__main__":

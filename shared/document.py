@@ -14,12 +14,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shared.document_errors import ERRORS_KEPT
 from shared.document_rules import semantic_errors
 from shared.document_schema import (
     DATABASE_NAME_PATTERN,
     DUID_PATTERN,
     HOST_NAME_PATTERN,
     LABEL_MAX_LENGTH,
+    MAX_DISKS,
+    MAX_ENTITIES,
+    MAX_FILESYSTEMS,
+    MAX_MEMORY_MIB,
+    MAX_MOVES,
+    MAX_PORT_MAPPINGS,
+    MAX_REPLICAS,
+    MAX_SIZE_GIB,
+    MAX_VCPUS,
     MOUNTPOINT_MAX_LENGTH,
     MOUNTPOINT_PATTERN,
     VERSION_PATTERN,
@@ -70,6 +80,7 @@ __all__ = [
     "Duid",
     "DUID_PATTERN",
     "EngineVersion",
+    "ERRORS_KEPT",
     "Environment",
     "Filesystem",
     "FsType",
@@ -80,6 +91,15 @@ __all__ = [
     "Label",
     "LABEL_MAX_LENGTH",
     "LocalFilesystemMove",
+    "MAX_DISKS",
+    "MAX_ENTITIES",
+    "MAX_FILESYSTEMS",
+    "MAX_MEMORY_MIB",
+    "MAX_MOVES",
+    "MAX_PORT_MAPPINGS",
+    "MAX_REPLICAS",
+    "MAX_SIZE_GIB",
+    "MAX_VCPUS",
     "Migration",
     "MigrationDocument",
     "Mountpoint",
@@ -100,28 +120,31 @@ __all__ = [
 
 
 class DocumentInvalidError(PermanentError):
-    """A migration document breaks its schema or its rules; `errors` lists every problem."""
+    """A migration document breaks its schema or its rules: `errors` lists the first
+    ERRORS_KEPT problems, `total` counts them all."""
 
-    def __init__(self, errors: Sequence[DocumentError]) -> None:
-        self.errors = list(errors)
+    def __init__(self, errors: Sequence[DocumentError], total: int | None = None) -> None:
+        self.errors = list(errors[:ERRORS_KEPT])
+        self.total = max(total or 0, len(errors))
         shown = "; ".join(f"{e.path or '(root)'}: {e.message}" for e in self.errors[:5])
-        more = f"; and {len(self.errors) - 5} more" if len(self.errors) > 5 else ""
-        super().__init__(f"migration document has {len(self.errors)} error(s): {shown}{more}")
+        more = f"; and {self.total - 5} more" if self.total > 5 else ""
+        super().__init__(f"migration document has {self.total} error(s): {shown}{more}")
 
 
 def validate_document(raw: object) -> MigrationDocument:
     """Parse a submitted document (as from `json.loads`) and check every rule.
 
-    Raises DocumentInvalidError listing every problem: all structural ones when the shape is
-    wrong, otherwise all semantic ones (see `shared.document_rules`).
+    Raises DocumentInvalidError with the problems: the structural ones when the shape is
+    wrong, otherwise the semantic ones (see `shared.document_rules`); the first ERRORS_KEPT
+    of them and their count. Its cost is linear in the document's size.
     """
     try:
         document = MigrationDocument.model_validate(raw)
     except ValidationError as exc:
-        raise DocumentInvalidError(structural_errors(exc)) from exc
-    errors = semantic_errors(document)
-    if errors:
-        raise DocumentInvalidError(errors)
+        raise DocumentInvalidError(*structural_errors(exc)) from exc
+    errors, total = semantic_errors(document)
+    if total:
+        raise DocumentInvalidError(errors, total)
     return document
 
 

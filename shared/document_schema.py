@@ -1,4 +1,4 @@
-"""The migration document's structure: its models and field types, and its shape errors.
+"""The migration document's structure: its models, field types and bounds.
 
 Top-level shape (every object rejects fields it does not know):
 
@@ -19,14 +19,14 @@ environments, public IPs and database groups share one duid namespace. Old-site 
 (hosts, environments, databases) are plain names matched by strict patterns, and
 mountpoints are normalised absolute paths of safe characters, because all of them end up
 in commands run on hosts. `shared.document.validate_document` is the one entry point; the
-rules that need the whole document live in `shared.document_rules`, above this module.
+rules that need the whole document live in `shared.document_rules`, above this module, and
+how problems are reported in `shared.document_errors`, below it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -37,10 +37,18 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
-    ValidationError,
     WithJsonSchema,
 )
-from pydantic_core import ErrorDetails
+
+from shared.document_errors import (  # re-exported: the document's errors are part of it
+    DocumentError,
+    json_pointer,
+    show,
+    structural_errors,
+)
+from shared.labels import LABEL_JSON_PATTERN, hidden_character
+
+__all__ = ["DocumentError", "json_pointer", "structural_errors"]  # and every name below
 
 HOST_NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{0,62}$"
 DATABASE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -53,24 +61,25 @@ MOUNTPOINT_PATTERN = (
 )
 MOUNTPOINT_MAX_LENGTH = 4096
 LABEL_MAX_LENGTH = 200
+
+# Bounds on every number and every list: the largest each has been seen to need, with room,
+# so that no document is unbounded (the 1 MiB body limit bounds what intake reads; these
+# bound what any validated document can hold, whoever hands it on). A list one item past
+# its bound still fits in 1 MiB, so such a list is a 422 naming the bound, not a 413.
+MAX_MEMORY_MIB = 32 * 1024 * 1024  # 32 TiB: the largest VM sold (AWS u7in-32tb, 896 vCPUs)
+MAX_VCPUS = 1024  # KVM's per-guest limit (KVM_MAX_VCPUS, x86-64, Linux 5.15+); Xen's is lower
+MAX_SIZE_GIB = 64 * 1024  # 64 TiB: the largest single cloud volume (EBS io2, GCE, Azure Ultra)
+MAX_ENTITIES = 6_000  # VMs, environments, IPs, groups, and a list of VMs (the field: 4,500)
+MAX_MOVES = 10_000  # each list under `migration` (the field: 6,500 shared filesystems)
+MAX_DISKS = 64  # per VM (Nitro attaches at most 28 volumes to most types, Xen PV 16 xvd*)
+MAX_FILESYSTEMS = 128  # per disk: a GPT partition table's default number of entries
+MAX_PORT_MAPPINGS = 1024  # per public IP (the field: 2, for 80 and 443)
+MAX_REPLICAS = 32  # per database group (the field: 1; MySQL and PostgreSQL fan out to tens)
+# Parts of one kind in the whole document, bounding the products of the lists above (checked
+# with the rules, in shared.document_rules). The field's largest document: ~11,000 each.
+MAX_FILESYSTEMS_IN_ALL = 50_000
+MAX_PORT_TARGETS_IN_ALL = 50_000
 _MOUNTPOINT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._/-")
-
-
-def _show(value: object) -> str:
-    """A submitted value as a reader should see it in a message: short, JSON-flavoured."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value if len(value) <= 100 else value[:97] + "...")
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return f"a {type(value).__name__}"
 
 
 def _matching(pattern: str, what: str) -> AfterValidator:
@@ -78,14 +87,16 @@ def _matching(pattern: str, what: str) -> AfterValidator:
 
     def check(value: str) -> str:
         if regex.fullmatch(value) is None:
-            raise ValueError(f"{what} {_show(value)} does not match {pattern}")
+            hidden = hidden_character(value)  # say which, not only "no match"
+            raise ValueError(f"{what} {show(value)} does not match {pattern}"
+                             + (f": it contains {hidden}" if hidden else ""))
         return value
 
     return AfterValidator(check)
 
 
 def _check_mountpoint(value: str) -> str:
-    shown = _show(value)
+    shown = show(value)
     if not value.startswith("/"):
         raise ValueError(f"mountpoint {shown} is not absolute: it must start with '/'")
     if len(value) > MOUNTPOINT_MAX_LENGTH:
@@ -93,7 +104,9 @@ def _check_mountpoint(value: str) -> str:
     bad = sorted(set(value) - _MOUNTPOINT_CHARS)
     if bad:
         listed = ", ".join(repr(ch) for ch in bad)
-        raise ValueError(f"mountpoint {shown} contains {listed}: only [A-Za-z0-9._/-] are allowed")
+        hidden = hidden_character(value)
+        raise ValueError(f"mountpoint {shown} contains {listed}: only [A-Za-z0-9._/-] are allowed"
+                         + (f"; the first hidden one is {hidden}" if hidden else ""))
     if value == "/":
         return value
     if value.endswith("/"):
@@ -108,31 +121,31 @@ def _check_mountpoint(value: str) -> str:
 
 def _check_label(value: str) -> str:
     if not 1 <= len(value) <= LABEL_MAX_LENGTH:
-        raise ValueError(f"{_show(value)} must be 1 to {LABEL_MAX_LENGTH} characters long")
-    categories = {unicodedata.category(ch) for ch in value}
-    if "Cc" in categories:
-        raise ValueError(f"{_show(value)} contains a control character")
-    if "Cs" in categories:  # JSON allows "\ud800", but it cannot be stored as UTF-8
-        raise ValueError(f"{_show(value)} contains an unpaired surrogate")
+        raise ValueError(f"{show(value)} must be 1 to {LABEL_MAX_LENGTH} characters long")
+    if (hidden := hidden_character(value)) is not None:
+        raise ValueError(f"{show(value)} contains {hidden}: a label may not hold control, "
+                         "bidi or zero-width characters")
     return value
 
 
 def _check_public_address(value: str) -> str:
+    if (hidden := hidden_character(value)) is not None:
+        raise ValueError(f"{show(value)} is not an IP address: it contains {hidden}")
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{_show(value)} is not an IPv4 or IPv6 address") from None
+        raise ValueError(f"{show(value)} is not an IPv4 or IPv6 address") from None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        raise ValueError(f"{_show(value)} carries a scope id; a public IP cannot")
+        raise ValueError(f"{show(value)} carries a scope id; a public IP cannot")
     if address.is_unspecified or address.is_loopback or address.is_multicast:
-        raise ValueError(f"{_show(value)} is not a usable public IP address")
+        raise ValueError(f"{show(value)} is not a usable public IP address")
     return str(address)  # one spelling per address, so duplicates are found
 
 
 def _exactly_int(value: object) -> object:
     # Literal[1] alone would accept true and 1.0.
     if type(value) is not int:
-        raise ValueError(f"version must be the integer 1, got {_show(value)}")
+        raise ValueError(f"version must be the integer 1, got {show(value)}")
     return value
 
 
@@ -160,15 +173,16 @@ Mountpoint = Annotated[
 Label = Annotated[
     StrictStr,
     AfterValidator(_check_label),
-    _string_schema(
-        minLength=1, maxLength=LABEL_MAX_LENGTH, pattern="^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
-    ),
+    _string_schema(minLength=1, maxLength=LABEL_MAX_LENGTH, pattern=LABEL_JSON_PATTERN),
 ]
 PublicAddress = Annotated[
     StrictStr, AfterValidator(_check_public_address), _string_schema(format="ipvanyaddress")
 ]
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+MemoryMib = Annotated[StrictInt, Field(gt=0, le=MAX_MEMORY_MIB)]
+Vcpus = Annotated[StrictInt, Field(gt=0, le=MAX_VCPUS)]
+SizeGib = Annotated[StrictInt, Field(gt=0, le=MAX_SIZE_GIB)]
 VmRole = Literal["app", "util", "db_master", "db_replica"]
 FsType = Literal["ext3", "ext4", "xfs", "reiserfs"]
 
@@ -187,39 +201,39 @@ class Customer(DocumentModel):
 class Environment(DocumentModel):
     duid: Duid
     name_hint: Label = Field(description="A human hint; the resolver assigns the real name.")
-    vms: tuple[Duid, ...]
+    vms: tuple[Duid, ...] = Field(max_length=MAX_ENTITIES)
 
 
 class Filesystem(DocumentModel):
     mountpoint: Mountpoint
-    size_gib: PositiveInt
+    size_gib: SizeGib
     fs_type: FsType
 
 
 class Disk(DocumentModel):
-    size_gib: PositiveInt
-    filesystems: tuple[Filesystem, ...]
+    size_gib: SizeGib
+    filesystems: tuple[Filesystem, ...] = Field(max_length=MAX_FILESYSTEMS)
 
 
 class Vm(DocumentModel):
     duid: Duid
     role: VmRole
     environment: Duid
-    memory_mib: PositiveInt
-    vcpus: PositiveInt
-    disks: tuple[Disk, ...] = Field(min_length=1)
+    memory_mib: MemoryMib
+    vcpus: Vcpus
+    disks: tuple[Disk, ...] = Field(min_length=1, max_length=MAX_DISKS)
 
 
 class PortMapping(DocumentModel):
     protocol: Literal["tcp", "udp"]
     external_port: Port
-    vms: tuple[Duid, ...] = Field(min_length=1)
+    vms: tuple[Duid, ...] = Field(min_length=1, max_length=MAX_ENTITIES)
     internal_port: Port
 
 
 class PublicIp(DocumentModel):
     duid: Duid
-    port_mappings: tuple[PortMapping, ...]
+    port_mappings: tuple[PortMapping, ...] = Field(max_length=MAX_PORT_MAPPINGS)
 
 
 class DatabaseGroup(DocumentModel):
@@ -227,7 +241,7 @@ class DatabaseGroup(DocumentModel):
     engine: Literal["mysql", "postgresql"]
     version: EngineVersion
     master: Duid
-    replicas: tuple[Duid, ...]
+    replicas: tuple[Duid, ...] = Field(max_length=MAX_REPLICAS)
 
 
 class SharedFilesystemMove(DocumentModel):
@@ -256,66 +270,17 @@ class LocalFilesystemMove(DocumentModel):
 
 
 class Migration(DocumentModel):
-    shared_filesystems: tuple[SharedFilesystemMove, ...]
-    ip_equivalences: tuple[IpEquivalence, ...]
-    databases: tuple[DatabaseMove, ...]
-    local_filesystems: tuple[LocalFilesystemMove, ...]
+    shared_filesystems: tuple[SharedFilesystemMove, ...] = Field(max_length=MAX_MOVES)
+    ip_equivalences: tuple[IpEquivalence, ...] = Field(max_length=MAX_MOVES)
+    databases: tuple[DatabaseMove, ...] = Field(max_length=MAX_MOVES)
+    local_filesystems: tuple[LocalFilesystemMove, ...] = Field(max_length=MAX_MOVES)
 
 
 class MigrationDocument(DocumentModel):
     version: Annotated[Literal[1], BeforeValidator(_exactly_int)]
     customer: Customer
-    environments: tuple[Environment, ...]
-    vms: tuple[Vm, ...]
-    public_ips: tuple[PublicIp, ...]
-    database_groups: tuple[DatabaseGroup, ...]
+    environments: tuple[Environment, ...] = Field(max_length=MAX_ENTITIES)
+    vms: tuple[Vm, ...] = Field(max_length=MAX_ENTITIES)
+    public_ips: tuple[PublicIp, ...] = Field(max_length=MAX_ENTITIES)
+    database_groups: tuple[DatabaseGroup, ...] = Field(max_length=MAX_ENTITIES)
     migration: Migration
-
-
-class DocumentError(BaseModel):
-    """One problem in a submitted document: where (RFC 6901 JSON Pointer) and what."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str
-    message: str
-
-
-def json_pointer(*parts: str | int) -> str:
-    """The RFC 6901 pointer to `parts` ("" for the root), escaping "~" and "/"."""
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
-
-
-def _structural_error(error: ErrorDetails) -> DocumentError:
-    loc, kind, ctx = error["loc"], error["type"], error.get("ctx", {})
-    got = _show(error.get("input"))
-    if kind == "missing":
-        message = f"required field {_show(loc[-1])} is missing"
-    elif kind == "extra_forbidden":
-        message = f"unknown field {_show(loc[-1])}"
-    elif kind == "value_error":
-        message = str(ctx["error"])
-    elif kind == "model_type":
-        message = f"expected an object, got {got}"
-    elif kind in ("tuple_type", "list_type"):
-        message = f"expected an array, got {got}"
-    elif kind == "too_short":
-        message = f"needs at least {ctx['min_length']} item(s), got {ctx['actual_length']}"
-    elif kind == "literal_error":
-        message = f"must be {ctx['expected']}, got {got}"
-    else:  # pydantic's wording is plain enough: "Input should be greater than 0"
-        message = f"{error['msg']}, got {got}"
-    return DocumentError(path=json_pointer(*loc), message=message)
-
-
-def structural_errors(exc: ValidationError) -> list[DocumentError]:
-    """Every problem pydantic found in a document's shape, as DocumentErrors."""
-    errors = [(e["type"], _structural_error(e)) for e in exc.errors()]
-    # pydantic counts only the items that validated, so a one-item array whose item is
-    # wrong is also "too short"; the item's own error is the one worth reading.
-    return [
-        error
-        for kind, error in errors
-        if kind != "too_short"
-        or not any(other.path.startswith(error.path + "/") for _, other in errors)
-    ]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import time
 import uuid
+from typing import Any
 
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -33,17 +34,19 @@ class IdempotencyConflictError(PermanentError):
 
 
 def accept_document(body: bytes, document: MigrationDocument, *, uow: UnitOfWork,
-                    migration_id: str | None = None, idempotency_key: str | None = None) -> str:
+                    migration_id: str | None = None, idempotency_key: str | None = None,
+                    parsed: dict[str, Any] | None = None) -> str:
     """Record a validated document as received and emit `migration.submitted`, in one
     transaction. Returns the migration's id: a new one, or, for an `idempotency_key` seen
-    before with the same body, the one it created then.
+    before with the same body, the one it created then. `parsed` is the body as JSON, when
+    the caller has it already (a 1 MiB body takes ~10 ms to parse again).
 
     Raises IdempotencyConflictError when the key was used with a different body.
     """
     digest = hashlib.sha256(body).hexdigest()
     try:
         return _accept(body, document, digest, uow=uow, migration_id=migration_id,
-                       idempotency_key=idempotency_key)
+                       idempotency_key=idempotency_key, parsed=parsed)
     except IntegrityError as collision:
         if idempotency_key is None:
             raise
@@ -58,7 +61,8 @@ def accept_document(body: bytes, document: MigrationDocument, *, uow: UnitOfWork
 
 
 def _accept(body: bytes, document: MigrationDocument, digest: str, *, uow: UnitOfWork,
-            migration_id: str | None, idempotency_key: str | None) -> str:
+            migration_id: str | None, idempotency_key: str | None,
+            parsed: dict[str, Any] | None) -> str:
     migration_id = migration_id or f"mig-{uuid.uuid4().hex[:12]}"
     now = time.time()
     with uow:
@@ -75,7 +79,7 @@ def _accept(body: bytes, document: MigrationDocument, digest: str, *, uow: UnitO
             id=migration_id, customer_id=document.customer.id, status="submitted",
             document=body.decode("utf-8"), created_at=now, updated_at=now,
         ))
-        raw = json.loads(body)  # the resolver validates the same document again
+        raw = parsed if parsed is not None else json.loads(body)  # the resolver validates it
         uow.outbox.add(MigrationSubmitted(customer_id=document.customer.id, document=raw),
                        migration_id=migration_id)
         uow.commit()

@@ -56,7 +56,11 @@ def app() -> Iterator[FastAPI]:
 
 @pytest.fixture(scope="module")
 def api_schema(app: FastAPI) -> BaseSchema:
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    # Schema-breaking data may be larger than the body limit (a list one past its maxItems,
+    # of large generated items): 413, documented for POST /migrations, refuses it too.
+    schema.config.checks.negative_data_rejection.expected_statuses.append("413")
+    return schema
 
 
 def test_every_operation_is_fuzzed(api_schema: BaseSchema) -> None:
