@@ -63,6 +63,7 @@ from shared.document_schema import (
     json_pointer,
     structural_errors,
 )
+from shared.document_shape import shape_errors
 from shared.errors import PermanentError
 
 __all__ = [
@@ -138,6 +139,9 @@ def validate_document(raw: object) -> MigrationDocument:
     wrong, otherwise the semantic ones (see `shared.document_rules`); the first ERRORS_KEPT
     of them and their count. Its cost is linear in the document's size.
     """
+    shape = shape_errors(raw)  # what would make pydantic slow, found cheaply first
+    if shape is not None:
+        raise DocumentInvalidError(*shape)
     try:
         document = MigrationDocument.model_validate(raw)
     except ValidationError as exc:

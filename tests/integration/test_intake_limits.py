@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from services.intake.api import MAX_PROBLEMS, create_app
 from services.intake.tables import migrations
+from shared.document import MAX_ENTITIES
 from shared.inbox_outbox import outbox_table
 from shared.settings import Settings
 
@@ -74,18 +75,34 @@ def test_a_repeated_key_deep_inside_is_named_by_its_json_pointer(client: TestCli
 
 
 def test_the_error_list_is_capped_and_says_how_many_there_were(client: TestClient) -> None:
-    # Given a document with half a million wrong public IPs
+    # Given a document with as many wrong public IPs as it may have
     document = json.loads(EXAMPLE)
-    document["public_ips"] = [0] * 500_000
-    # When it is posted (under the body limit)
+    document["public_ips"] = [0] * MAX_ENTITIES
+    # When it is posted
     body = json.dumps(document, separators=(",", ":"))
     answer = client.post("/migrations", content=body, headers=HEADERS)
     # Then the answer lists the first MAX_PROBLEMS, counts them all, and stays small
     assert answer.status_code == 422, answer.text[:500]
     reply = answer.json()
     assert len(reply["errors"]) == MAX_PROBLEMS and reply["truncated"] is True
-    assert reply["total"] >= 500_000
+    assert reply["total"] == MAX_ENTITIES
+    assert reply["errors"][0] == {"path": "/public_ips/0", "message": "expected an object, got 0"}
     assert len(answer.content) < 64 * 1024
+    assert stored(client) == (0, 0)
+
+
+def test_an_array_over_its_bound_is_one_error_naming_the_bound(client: TestClient) -> None:
+    # Given half a million wrong public IPs (each of which pydantic would judge)
+    document = json.loads(EXAMPLE)
+    document["public_ips"] = [0] * 500_000
+    answer = client.post("/migrations", content=json.dumps(document, separators=(",", ":")),
+                         headers=HEADERS)
+    # Then the one problem is the array's length
+    assert answer.status_code == 422, answer.text[:500]
+    reply = answer.json()
+    assert reply["total"] == 1 and reply["errors"] == [{
+        "path": "/public_ips",
+        "message": f"may have at most {MAX_ENTITIES} item(s), got 500000"}]
     assert stored(client) == (0, 0)
 
 
