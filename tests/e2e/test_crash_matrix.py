@@ -272,8 +272,8 @@ def run_case(case: Case, deployment: Deployment, site: Site, scratch: Path) -> N
     """Given every process started, `case.service`'s armed with `case.point=kill`; when a
     migration is submitted, that process dies by SIGKILL at the point and is restarted
     without it; then the migration completes with every check of a clean run."""
-    deployment.start(case.service, {ENV: case.armed, **case.env})
     try:
+        deployment.start(case.service, {ENV: case.armed, **case.env})  # stopped if it fails
         with deployment.client() as client:
             migration_id = _submit(client, site)
             _crashed_at_the_point(case, deployment, client, migration_id)
@@ -378,8 +378,8 @@ def test_unscoped_in_one_process_a_generic_point_fires_in_another_service(
 ) -> None:
     # Given `ferry run all` armed with the transfer's claim case, but without its scope
     deployment = Embedded(site, tmp_path / "run")
-    deployment.start("transfer", {ENV: "jobs.after_claim=kill"})
     try:
+        deployment.start("transfer", {ENV: "jobs.after_claim=kill"})
         # When a migration is submitted, the process dies at a job's claim
         with deployment.client() as client:
             _submit(client, site)
