@@ -1,17 +1,24 @@
 """Named crash points: where a crash could lose or repeat work, a test can make one happen.
 
-Off unless `FERRY_FAILPOINTS` names points, comma-separated, each `name=action[@N]`:
+Off unless `FERRY_FAILPOINTS` names points, comma-separated, each
+`[service:]name=action[@N]`:
 - `kill`: one line to stderr (flushed), then SIGKILL of this very process, as a crash would;
 - `error`: raise FailpointError (a TransientError: the one retry policy handles it).
 Without `@N` the action fires on every hit; with `@N` on the N-th hit only (counted per
 process, from 1). `FERRY_FAILPOINTS=relay.after_publish=kill,jobs.after_claim=error@3`.
 
+The points in SCOPED are reached by every service (the runtime, the relay, the job
+workers), and their call sites pass the service they run for. `resolver:relay.after_publish`
+fires (and counts hits) only there: in `ferry run all`, where every service shares one
+process, the unscoped form fires in whichever service gets there first.
+
 The value is parsed once, at import; a bad one (an undeclared point, an unknown action, a
-malformed entry) is raised as ConfigurationError naming it by `check()`, which every
-service's start calls first, and by any failpoint reached before. Every point is declared
-in POINTS below, and `failpoint(name)` raises UndeclaredFailpointError for any other name,
-armed or not: tests/e2e/test_crash_matrix.py compares POINTS, the `failpoint("...")` calls
-in the source and its cases. Off, a failpoint costs one dict lookup.
+malformed entry, a scope that is no service or on a point not in SCOPED) is raised as
+ConfigurationError naming it by `check()`, which every service's start calls first, and by
+any failpoint reached before. Every point is declared in POINTS below, and `failpoint(name)`
+raises UndeclaredFailpointError for any other name, armed or not:
+tests/e2e/test_crash_matrix.py compares POINTS, the `failpoint("...")` calls in the source
+(scoped exactly for SCOPED) and its cases. Off, a failpoint costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigurationError, FerryError, TransientError
+from shared.settings import SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,9 @@ POINTS: Mapping[str, str] = {
     "transfer.after_verify": "the copy at the destination verified by sha256, the transfer "
                              "not yet recorded",
 }
+# Reached by every service: each call passes `scope=` the service it runs for.
+SCOPED = frozenset({"runtime.after_commit", "relay.before_publish", "relay.after_publish",
+                    "jobs.after_claim"})
 
 
 class FailpointError(TransientError):
@@ -59,32 +70,39 @@ class UndeclaredFailpointError(FerryError):
 
 @dataclass
 class Trigger:
-    """What an armed point does, and on which hit (None: every hit)."""
+    """What an armed point does, and on which hit (None: every hit), in which service
+    (None: wherever it is reached)."""
 
     action: str
     on_hit: int | None = None
+    scope: str | None = None
     hits: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def spec(self, name: str) -> str:
-        return f"{name}={self.action}" + (f"@{self.on_hit}" if self.on_hit else "")
+        return ((f"{self.scope}:" if self.scope else "") + f"{name}={self.action}"
+                + (f"@{self.on_hit}" if self.on_hit else ""))
 
-    def fire(self, name: str) -> None:
+    def fire(self, name: str, scope: str | None = None) -> None:
+        if self.scope is not None and scope != self.scope:
+            return  # another service reached it: not a hit of this trigger
         with self._lock:
             self.hits += 1
             hit = self.hits
         if self.on_hit is not None and hit != self.on_hit:
             return
+        where = f"hit {hit}" + (f" in {scope}" if self.scope else "")
         if self.action == "error":
-            raise FailpointError(f"failpoint {name}: error (hit {hit})")
-        sys.stderr.write(f"failpoint {name}: kill (hit {hit}), SIGKILL to pid {os.getpid()}\n")
+            raise FailpointError(f"failpoint {name}: error ({where})")
+        sys.stderr.write(f"failpoint {name}: kill ({where}), SIGKILL to pid {os.getpid()}\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def parse(value: str) -> dict[str, Trigger]:
     """The triggers a FERRY_FAILPOINTS value arms. Raises ConfigurationError naming the
-    first entry that is not `declared.point=kill|error[@N]` (N ≥ 1), or a point named twice."""
+    first entry that is not `[service:]declared.point=kill|error[@N]` (N ≥ 1; a service of
+    shared.settings.SERVICES, only on a point in SCOPED), or a point named twice."""
     triggers: dict[str, Trigger] = {}
     for entry in (part.strip() for part in value.split(",")):
         if not entry:
@@ -93,9 +111,17 @@ def parse(value: str) -> dict[str, Trigger]:
         if not sep or not name or not action:
             raise ConfigurationError(f"{ENV}: {entry!r} is not name=action (e.g. "
                                      f"relay.after_publish=kill)")
+        scope, colon, name = (text.strip() for text in name.rpartition(":"))
         if name not in POINTS:
             raise ConfigurationError(f"{ENV}: unknown failpoint {name!r}; declared: "
                                      f"{', '.join(sorted(POINTS))}")
+        if colon and scope not in SERVICES:
+            raise ConfigurationError(f"{ENV}: {entry!r}: the scope {scope!r} is no service; "
+                                     f"one of {', '.join(SERVICES)}")
+        if colon and name not in SCOPED:
+            raise ConfigurationError(f"{ENV}: {entry!r}: {name} is reached in one service "
+                                     f"only and takes no scope; scoped points: "
+                                     f"{', '.join(sorted(SCOPED))}")
         if name in triggers:
             raise ConfigurationError(f"{ENV}: failpoint {name!r} is named twice")
         action, at, count = action.partition("@")
@@ -108,7 +134,7 @@ def parse(value: str) -> dict[str, Trigger]:
                 raise ConfigurationError(f"{ENV}: {entry!r}: @N needs a whole number N ≥ 1, "
                                          f"not {count!r}")
             on_hit = int(count)
-        triggers[name] = Trigger(action, on_hit)
+        triggers[name] = Trigger(action, on_hit, scope or None)
     return triggers
 
 
@@ -150,8 +176,9 @@ def check() -> None:
                     ", ".join(trigger.spec(name) for name, trigger in points.items()))
 
 
-def failpoint(name: str) -> None:
-    """A named crash point: nothing unless armed. Raises FailpointError (armed `error`),
+def failpoint(name: str, *, scope: str | None = None) -> None:
+    """A named crash point: nothing unless armed (for `scope`, the service reaching it,
+    when the entry names one). Raises FailpointError (armed `error`),
     does not return (armed `kill`), raises UndeclaredFailpointError for a name POINTS does
     not declare and ConfigurationError while FERRY_FAILPOINTS is refused."""
     try:
@@ -162,7 +189,7 @@ def failpoint(name: str) -> None:
         raise UndeclaredFailpointError(f"failpoint {name!r} is not declared in "
                                        f"shared.failpoints.POINTS") from None
     if trigger is not None:
-        trigger.fire(name)
+        trigger.fire(name, scope)
 
 
 try:

@@ -260,6 +260,7 @@ class JobWorker:
         self.poll_seconds = poll_seconds
         self.where = where
         self.on_stop = on_stop
+        self.service: str | None = None  # the service running it (set by runtime.Service)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -272,7 +273,8 @@ class JobWorker:
         job = self.leases.claim(owner, self.where() if self.where else None)
         if job is None:
             return False
-        failpoint("jobs.after_claim")  # claimed and nothing done: taken over when it expires
+        # claimed and nothing done: taken over when it expires
+        failpoint("jobs.after_claim", scope=self.service)
         lease = Lease(self.leases, job, owner, self.units)
         beating = threading.Event()
         beat_every = max(0.2, self.leases.lease_seconds / 3)

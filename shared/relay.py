@@ -61,7 +61,7 @@ class OutboxRelay:
         with self._engine.begin() as connection:
             rows = connection.execute(query).all()
             if rows:
-                failpoint("relay.before_publish")
+                failpoint("relay.before_publish", scope=self._name)
             sent = []
             for row in rows:
                 try:
@@ -73,7 +73,8 @@ class OutboxRelay:
                 self._held.pop(row.seq, None)
                 sent.append(row.seq)
             if sent:
-                failpoint("relay.after_publish")  # published: republished after a restart
+                # published: republished after a restart
+                failpoint("relay.after_publish", scope=self._name)
                 connection.execute(
                     update(t).where(t.c.seq.in_(sent)).values(published_at=time.time()))
         self.published += len(sent)

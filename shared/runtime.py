@@ -78,21 +78,25 @@ def handler_name(function: Callable[..., Any]) -> str:
 
 
 def deliver(handler: Handler, event: Any, envelope: Envelope, units: Units,
-            deps: Any = None) -> bool:
+            deps: Any = None, *, service: str | None = None) -> bool:
     """Run `handler` on one message with exactly-once effect; False for a duplicate.
+    `service`: the one delivering it (the scope of its failpoint).
 
     Raises whatever the handler raises (its transaction rolled back)."""
-    return _once(handler_name(handler), lambda ctx: handler(event, ctx), envelope, units, deps)
+    return _once(handler_name(handler), lambda ctx: handler(event, ctx), envelope, units, deps,
+                 service)
 
 
 def deliver_failure(hook: FailureHandler, event: Any, envelope: Envelope,
-                    error: BaseException, units: Units, deps: Any = None) -> bool:
+                    error: BaseException, units: Units, deps: Any = None, *,
+                    service: str | None = None) -> bool:
     """Run a failure hook on a message the bus gave up on, once; False for a duplicate."""
-    return _once(handler_name(hook), lambda ctx: hook(event, ctx, error), envelope, units, deps)
+    return _once(handler_name(hook), lambda ctx: hook(event, ctx, error), envelope, units, deps,
+                 service)
 
 
 def _once(name: str, call: Callable[[Context[Any]], None], envelope: Envelope, units: Units,
-          deps: Any) -> bool:
+          deps: Any, service: str | None) -> bool:
     with units() as uow:
         # first in the transaction: a duplicate stops here, before the handler asks anything
         # of the world outside the database
@@ -100,7 +104,8 @@ def _once(name: str, call: Callable[[Context[Any]], None], envelope: Envelope, u
             return False
         call(Context(envelope, uow, deps))
         uow.commit()
-    failpoint("runtime.after_commit")  # committed, not yet acked: redelivered, claimed again
+    # committed, not yet acked: redelivered, claimed again
+    failpoint("runtime.after_commit", scope=service)
     return True
 
 
@@ -148,6 +153,7 @@ class Service:
                                  delivery_limit=self.settings.delivery_limit)
         self.units.subscribe(self.relay.wake)
         for worker in self.workers:
+            worker.service = self.name
             self.units.subscribe(worker.wake)
 
     @property
@@ -164,11 +170,13 @@ class Service:
     def deliver(self, event: Any, envelope: Envelope) -> bool:
         """Handle one message as the consumer would; False for a duplicate. Raises
         KeyError for a type this service does not handle, and what the handler raises."""
-        return deliver(self.handlers[envelope.type], event, envelope, self.units, self.deps)
+        return deliver(self.handlers[envelope.type], event, envelope, self.units, self.deps,
+                       service=self.name)
 
     def _fail(self, event: Any, envelope: Envelope, error: BaseException) -> None:
         assert self.on_failure is not None  # noqa: S101 - bound only when set
-        deliver_failure(self.on_failure, event, envelope, error, self.units, self.deps)
+        deliver_failure(self.on_failure, event, envelope, error, self.units, self.deps,
+                        service=self.name)
 
     def start(self) -> None:
         failpoints.check()  # a refused FERRY_FAILPOINTS stops the start, naming the entry
@@ -198,7 +206,7 @@ class Service:
 
     def _bind(self, handler: Handler) -> Callable[[Any, Envelope], None]:
         def handle(event: Any, envelope: Envelope) -> None:
-            deliver(handler, event, envelope, self.units, self.deps)
+            deliver(handler, event, envelope, self.units, self.deps, service=self.name)
 
         return handle
 

@@ -57,7 +57,8 @@ class Pipeline:
             except httpx.HTTPError:
                 return False
 
-        self.processes["intake"].wait_ready(healthy, timeout)
+        serving = self.processes.get("intake") or self.processes["all"]  # or `ferry run all`
+        serving.wait_ready(healthy, timeout)
 
     def spawn(self, name: str, extra_env: Mapping[str, str] | None = None) -> None:
         """Start `name` as a new process, with `extra_env` on top of the pipeline's env for
@@ -65,8 +66,8 @@ class Pipeline:
         if it had one. Raises AssertionError if it is still running."""
         earlier = self.processes.get(name)
         assert earlier is None or not earlier.running, f"{name} is still running"
-        service = name.split("-")[0]
-        extra = ["--datacenter", self.datacenter] if service == "archiver" else []
+        service = name.split("-")[0]  # `all`: every service in this one process
+        extra = ["--datacenter", self.datacenter] if service in {"archiver", "all"} else []
         self.processes[name] = ChildProcess.ferry(
             "run", service, *extra, env={**self.env, **(extra_env or {})},
             log=earlier.log_path if earlier is not None else None)

@@ -5,10 +5,14 @@ happened: one archive per source, one transfer per archive, nothing dead-lettere
 snapshot or mount left, every archive at the destination identical to its source.
 
 CASES is the table (point, service to arm, why there); MODES the ways of running Ferry
-(`rabbitmq`: every service its own process on RabbitMQ + PostgreSQL). A mode is a function
-that makes a `Deployment`: how to start the processes (one of them armed), find the armed
-one, restart it, and read what the checks need. `run_case` runs one case on any deployment.
-`test_every_point_has_a_case` fails when the code has a point no case covers.
+(`rabbitmq`: every service its own process on RabbitMQ + PostgreSQL; `embedded`: the
+default, `ferry run all` in one process on the embedded SQLite broker, one SQLite database
+per service). A mode is a function that makes a `Deployment`: how to start the processes
+(one of them armed), find the armed one, restart it, and read what the checks need.
+`run_case` runs one case on any deployment. A point every service reaches (SCOPED) is armed
+for the case's service only (`resolver:runtime.after_commit=kill`), so that a case means the
+same in both modes. `test_every_point_has_a_case` fails when the code has a point no case
+covers.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, func, select
 
 from ferry.demo_site import build_site, drop_database
 from ferry.dlq import list_dead
-from shared.failpoints import ENV, POINTS
+from services.transfer.tables import transfers
+from shared.embedded_broker import embedded_url
+from shared.failpoints import ENV, POINTS, SCOPED
 from shared.settings import SERVICES
 from shared.topology import FIXED_QUEUES
 from tests.e2e.checks import (
@@ -55,6 +62,11 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.point}@{self.service}"
+
+    @property
+    def armed(self) -> str:
+        """The FERRY_FAILPOINTS value: scoped to the service where every service reaches it."""
+        return (f"{self.service}:" if self.point in SCOPED else "") + f"{self.point}=kill"
 
 
 # Generic points (runtime, relay, jobs) are reached in every service: each is armed where a
@@ -163,8 +175,9 @@ class ScaleOut:
         return self.pipeline.processes[self._name(service)]
 
     def restart(self, service: str) -> None:
+        started = self.process(service).log().count(READY)  # its log has the earlier run's
         self.pipeline.spawn(self._name(service))
-        self.process(service).wait_ready(READY)
+        _wait_started(self.process(service), started)
         if service == "intake":
             self.pipeline.wait_for_api()
 
@@ -185,14 +198,71 @@ class ScaleOut:
         self.pipeline.stop_all()
 
 
+def _wait_started(process: ChildProcess, earlier: int) -> None:
+    """Wait for this start's ready line, after the `earlier` ones of its log."""
+    process.wait_ready(lambda: process.log().count(READY) > earlier)
+
+
 def scale_out(request: pytest.FixtureRequest, site: Site, workdir: Path) -> Deployment:
     make_pg_database: Callable[[], str] = request.getfixturevalue("make_pg_database")
     urls = {service: make_pg_database() for service in SERVICES}
     return ScaleOut(site, workdir, request.getfixturevalue("rabbit_url"), urls)
 
 
+class Embedded:
+    """Mode `embedded`: `ferry run all` (every service, one process) on the default broker,
+    the SQLite one in FERRY_STATE_DIR, each service with its SQLite database there. Every
+    service is that process: the armed one, the one that dies and the one restarted."""
+
+    def __init__(self, site: Site, workdir: Path) -> None:
+        state = workdir / "state"
+        self.database_urls = {service: f"sqlite:///{state}/{service}.sqlite3"
+                              for service in SERVICES}
+        self.staging = workdir / "staging"
+        self.destination = workdir / "destination"
+        env = pipeline_env(workdir, site.inventory, "", {})
+        env.pop("FERRY_BROKER_URL")  # the default: the embedded broker in the state dir
+        self.broker_url = embedded_url(state)
+        self.pipeline = Pipeline(env, archivers=0)
+
+    def start(self, armed: str, env: Mapping[str, str]) -> None:
+        self.pipeline.spawn("all", env)
+        self.pipeline.processes["all"].wait_ready(READY)
+        self.pipeline.wait_for_api()
+
+    def process(self, service: str) -> ChildProcess:
+        return self.pipeline.processes["all"]
+
+    def restart(self, service: str) -> None:
+        started = self.process(service).log().count(READY)
+        self.pipeline.spawn("all")  # the same command, without the case's env
+        _wait_started(self.process(service), started)
+        self.pipeline.wait_for_api()
+
+    def client(self) -> httpx.Client:
+        return self.pipeline.client()
+
+    def status(self, client: httpx.Client, migration_id: str) -> dict[str, Any] | None:
+        return self.pipeline.status(client, migration_id)
+
+    def dead_letters(self) -> dict[str, list[Any]]:
+        queues = [*FIXED_QUEUES, f"archiver.{self.pipeline.datacenter}"]
+        return {queue: list_dead(self.broker_url, queue) for queue in queues}
+
+    def tail(self) -> str:
+        return self.pipeline.tail()
+
+    def stop(self) -> None:
+        self.pipeline.stop_all()
+
+
+def embedded(request: pytest.FixtureRequest, site: Site, workdir: Path) -> Deployment:
+    return Embedded(site, workdir)
+
+
 MODES: dict[str, Callable[[pytest.FixtureRequest, Site, Path], Deployment]] = {
     "rabbitmq": scale_out,
+    "embedded": embedded,
 }
 
 
@@ -202,13 +272,10 @@ def run_case(case: Case, deployment: Deployment, site: Site, scratch: Path) -> N
     """Given every process started, `case.service`'s armed with `case.point=kill`; when a
     migration is submitted, that process dies by SIGKILL at the point and is restarted
     without it; then the migration completes with every check of a clean run."""
-    deployment.start(case.service, {ENV: f"{case.point}=kill", **case.env})
     try:
+        deployment.start(case.service, {ENV: case.armed, **case.env})  # stopped if it fails
         with deployment.client() as client:
-            response = client.post("/migrations", content=site.document,
-                                   headers={"Content-Type": "application/json"})
-            assert response.status_code == 202, response.text
-            migration_id = response.json()["id"]
+            migration_id = _submit(client, site)
             _crashed_at_the_point(case, deployment, client, migration_id)
             deployment.restart(case.service)
             status = _finished(deployment, client, migration_id, timeout=240)
@@ -216,6 +283,13 @@ def run_case(case: Case, deployment: Deployment, site: Site, scratch: Path) -> N
         check_migration(deployment, site, migration_id, scratch)
     finally:
         deployment.stop()
+
+
+def _submit(client: httpx.Client, site: Site) -> str:
+    response = client.post("/migrations", content=site.document,
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
 
 
 def _crashed_at_the_point(case: Case, deployment: Deployment, client: httpx.Client,
@@ -233,7 +307,10 @@ def _crashed_at_the_point(case: Case, deployment: Deployment, client: httpx.Clie
         time.sleep(0.1)
     assert not process.running, f"{case.service} did not reach {case.point} in {timeout}s"
     assert process.returncode == -signal.SIGKILL, (process.returncode, process.tail())
-    assert f"failpoint {case.point}: kill" in process.log(), process.tail()
+    # in the case's service: a point every service reaches says where it fired
+    said = f"failpoint {case.point}: kill (hit 1" + (
+        f" in {case.service})" if case.point in SCOPED else ")")
+    assert said in process.log(), (said, process.tail())
 
 
 def _finished(deployment: Deployment, client: httpx.Client, migration_id: str,
@@ -296,9 +373,34 @@ def test_a_crash_at_a_named_point_changes_nothing(
     run_case(case, deployment, site, tmp_path / "scratch")
 
 
+def test_unscoped_in_one_process_a_generic_point_fires_in_another_service(
+    site: Site, tmp_path: Path,
+) -> None:
+    # Given `ferry run all` armed with the transfer's claim case, but without its scope
+    deployment = Embedded(site, tmp_path / "run")
+    try:
+        deployment.start("transfer", {ENV: "jobs.after_claim=kill"})
+        # When a migration is submitted, the process dies at a job's claim
+        with deployment.client() as client:
+            _submit(client, site)
+        process = deployment.process("transfer")
+        wait_for(lambda: not process.running, timeout=60, what="run all to die")
+        assert process.returncode == -signal.SIGKILL, process.tail()
+        assert "failpoint jobs.after_claim: kill (hit 1)" in process.log()
+        # Then it was another service's claim (the snapshotter's, the first job there is):
+        # the transfer had not a job yet, so the case would not test what it says
+        engine = create_engine(deployment.database_urls["transfer"])
+        with engine.connect() as connection:
+            assert connection.execute(select(func.count()).select_from(transfers)).scalar() == 0
+        engine.dispose()
+    finally:
+        deployment.stop()
+
+
 def failpoint_calls(root: Path) -> dict[str, list[str]]:
-    """Every `failpoint("name")` call in shared/, services/ and ferry/: name -> where.
-    A call whose name is not a string literal fails the test (it could not be checked)."""
+    """Every `failpoint("name")` call in shared/, services/ and ferry/: name -> where (with
+    " scope=" after it where the call passes a scope). A call whose name is not a string
+    literal fails the test (it could not be checked)."""
     found: dict[str, list[str]] = {}
     for path in sorted(p for d in ("shared", "services", "ferry")
                        for p in (root / d).rglob("*.py")):
@@ -315,7 +417,8 @@ def failpoint_calls(root: Path) -> dict[str, list[str]]:
             argument = node.args[0] if node.args else None
             assert isinstance(argument, ast.Constant) and isinstance(argument.value, str), (
                 f"{where}: failpoint() needs its name as a string literal")
-            found.setdefault(argument.value, []).append(where)
+            scoped = any(keyword.arg == "scope" for keyword in node.keywords)
+            found.setdefault(argument.value, []).append(where + (" scope=" if scoped else ""))
     return found
 
 
@@ -325,8 +428,10 @@ def test_the_scan_finds_every_call_and_refuses_a_name_it_cannot_read(tmp_path: P
     (tmp_path / "services" / "x").mkdir(parents=True)
     (tmp_path / "ferry").mkdir()
     (tmp_path / "shared" / "a.py").write_text('failpoint("a.one")\n')
-    (tmp_path / "services" / "x" / "b.py").write_text('failpoints.failpoint("b.two")\n')
-    assert set(failpoint_calls(tmp_path)) == {"a.one", "b.two"}
+    (tmp_path / "services" / "x" / "b.py").write_text(
+        'failpoints.failpoint("b.two", scope=self.name)\n')
+    assert failpoint_calls(tmp_path) == {"a.one": ["shared/a.py:1"],
+                                         "b.two": ["services/x/b.py:1 scope="]}
     (tmp_path / "ferry" / "c.py").write_text('name = "c"\nfailpoint(name)\n')
     with pytest.raises(AssertionError, match="ferry/c.py:2"):
         failpoint_calls(tmp_path)
@@ -341,6 +446,10 @@ def test_every_point_has_a_case() -> None:
     # And each is placed once, and every one has a case in the matrix (and no case a point
     # that does not exist)
     assert all(len(places) == 1 for places in calls.values()), calls
+    # And exactly the points every service reaches pass the service they run for
+    scoped = {name for name, places in calls.items() if places[0].endswith(" scope=")}
+    assert scoped == SCOPED, {"scoped, not in SCOPED": scoped - SCOPED,
+                              "in SCOPED, called without scope=": SCOPED - scoped}
     covered = {case.point for case in CASES}
     assert covered == set(POINTS), {"no case": set(POINTS) - covered,
                                     "no such point": covered - set(POINTS)}

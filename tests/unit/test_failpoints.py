@@ -16,6 +16,7 @@ from shared import failpoints
 from shared.errors import ConfigurationError, TransientError
 from shared.failpoints import (
     POINTS,
+    SCOPED,
     FailpointError,
     UndeclaredFailpointError,
     configure,
@@ -48,6 +49,12 @@ def test_a_value_arms_the_points_it_names_with_their_actions() -> None:
     ("relay.after_publish=kill@0", "'0'"),
     ("relay.after_publish=kill@x", "'x'"),
     ("relay.after_publish=kill,relay.after_publish=error", "named twice"),
+    ("resolver:relay.after_publish=kill,relay.after_publish=error", "named twice"),
+    ("resolvr:relay.after_publish=kill", "scope 'resolvr' is no service"),
+    (":relay.after_publish=kill", "scope '' is no service"),
+    ("all:runtime.after_commit=kill", "scope 'all' is no service"),
+    ("archiver:archiver.mid_stream=kill", "archiver.mid_stream is reached in one service"),
+    ("resolver:relay.after_publsh=kill", "'relay.after_publsh'"),
 ])
 def test_a_bad_value_is_refused_naming_what_is_wrong(value: str, named: str) -> None:
     # When FERRY_FAILPOINTS names what is not a declared point with a known action
@@ -61,6 +68,37 @@ def test_a_bad_value_is_refused_naming_what_is_wrong(value: str, named: str) -> 
         failpoints.check()
     with pytest.raises(ConfigurationError):
         failpoint("relay.after_publish")
+
+
+def test_a_scope_arms_the_point_for_that_service() -> None:
+    triggers = parse("resolver:runtime.after_commit=kill, transfer : jobs.after_claim=error@2")
+    assert {name: (t.scope, t.action, t.on_hit) for name, t in triggers.items()} == {
+        "runtime.after_commit": ("resolver", "kill", None),
+        "jobs.after_claim": ("transfer", "error", 2)}
+    assert triggers["jobs.after_claim"].spec("jobs.after_claim") == (
+        "transfer:jobs.after_claim=error@2")
+    assert SCOPED <= set(POINTS)
+
+
+def test_a_scoped_point_fires_only_where_its_service_reaches_it() -> None:
+    # Given a point armed for the transfer service, on its 2nd hit there
+    configure("transfer:jobs.after_claim=error@2")
+    # When other services (and a call site that names none) reach it, nothing happens,
+    # and those are no hits of the transfer's
+    for scope in ("archiver", "snapshotter", None, "archiver"):
+        failpoint("jobs.after_claim", scope=scope)
+    failpoint("jobs.after_claim", scope="transfer")
+    assert failpoints.armed()["jobs.after_claim"].hits == 1
+    # Then the transfer's 2nd hit fires
+    with pytest.raises(FailpointError, match="jobs.after_claim: error \\(hit 2 in transfer\\)"):
+        failpoint("jobs.after_claim", scope="transfer")
+
+
+def test_an_unscoped_entry_fires_in_every_service() -> None:
+    configure("runtime.after_commit=error")
+    for scope in ("resolver", "transfer", None):
+        with pytest.raises(FailpointError):
+            failpoint("runtime.after_commit", scope=scope)
 
 
 def test_an_undeclared_name_in_the_code_raises_armed_or_not() -> None:
