@@ -30,7 +30,7 @@ def bootstrap(settings: Settings) -> Service:
     if inventory is None:
         log.warning("resolver: FERRY_INVENTORY is not set; every migration will fail until "
                     "it is")
-    declare = datacenter_queues(settings, inventory)
+    declare = datacenter_queues(settings.for_service(NAME), inventory)  # its own broker user
     return Service(NAME, settings, units, QueueSpec(queue_name(NAME), routing_keys(HANDLERS)),
                    HANDLERS, deps=Resolver(Allocator(pools), inventory), on_failure=ON_FAILURE,
                    on_start=[declare],
