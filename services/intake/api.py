@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from services.intake import SCHEMA
+from services.intake.collector import collector_paused
 from services.intake.stats import migration_stats
 from services.intake.submissions import IdempotencyConflictError, accept_document
 from services.intake.uploads import MAX_BODY_BYTES, BodyRejectedError, read_document
@@ -108,7 +109,8 @@ def create_app(settings: Settings, *, units: Units | None = None) -> FastAPI:
         if not one_at_a_time:
             one_at_a_time.append(Semaphore(1))
         async with one_at_a_time[0]:
-            return await submit(request, idempotency_key)
+            with collector_paused():  # one large document at a time: a bounded pause
+                return await submit(request, idempotency_key)
 
     async def submit(request: Request, idempotency_key: str | None) -> Response:
         try:

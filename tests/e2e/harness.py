@@ -44,8 +44,15 @@ class Pipeline:
         """Start every service and wait until each declared its queues (it says "running …
         Ctrl-C stops" after that): what intake publishes before the resolver's queue exists
         would be routed nowhere."""
-        for name in [*SERVICES, *(f"archiver-{i + 1}" for i in range(self.archivers))]:
-            self.start(name)
+        try:
+            for name in [*SERVICES, *(f"archiver-{i + 1}" for i in range(self.archivers))]:
+                self.start(name)
+            self._wait_all_ready()
+        except BaseException:
+            self.stop_all()  # one that failed to start leaves none of the others running
+            raise
+
+    def _wait_all_ready(self) -> None:
         for process in self.processes.values():
             process.wait_ready(READY)
         self.wait_for_api()
@@ -74,11 +81,13 @@ class Pipeline:
 
     def start_all_with(self, name: str, extra_env: Mapping[str, str]) -> None:
         """start_all, with `extra_env` for the process `name` only."""
-        for each in [*SERVICES, *(f"archiver-{i + 1}" for i in range(self.archivers))]:
-            self.spawn(each, extra_env if each == name else None)
-        for process in self.processes.values():
-            process.wait_ready(READY)
-        self.wait_for_api()
+        try:
+            for each in [*SERVICES, *(f"archiver-{i + 1}" for i in range(self.archivers))]:
+                self.spawn(each, extra_env if each == name else None)
+            self._wait_all_ready()
+        except BaseException:
+            self.stop_all()
+            raise
 
     def kill(self, name: str) -> None:
         self.processes[name].kill()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from rich.console import Console
 
 from services.intake.client import default_url
+from services.intake.collector import collector_paused
 from services.intake.display import render_status
 from services.intake.server import parse_bind
 from services.intake.uploads import parse_json
@@ -77,3 +80,19 @@ def test_status_view_before_planning_says_so() -> None:
     console.print(render_status({"id": "mig-2", "customer_id": "c", "status": "submitted",
                                  "jobs": []}))
     assert "no jobs yet" in console.export_text()
+
+
+def test_the_collector_is_paused_until_the_last_pause_ends_and_then_on_again() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    try:
+        with collector_paused():
+            raise ValueError("a failed request")
+    except ValueError:
+        pass
+    assert gc.isenabled()
