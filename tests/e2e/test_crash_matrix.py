@@ -151,7 +151,30 @@ class Deployment(Protocol):
     def stop(self) -> None: ...
 
 
-class ScaleOut:
+class OnPipeline:
+    """What both modes read the same way from their processes (a Pipeline) and broker."""
+
+    pipeline: Pipeline
+    broker_url: str
+
+    def client(self) -> httpx.Client:
+        return self.pipeline.client()
+
+    def status(self, client: httpx.Client, migration_id: str) -> dict[str, Any] | None:
+        return self.pipeline.status(client, migration_id)
+
+    def dead_letters(self) -> dict[str, list[Any]]:
+        queues = [*FIXED_QUEUES, f"archiver.{self.pipeline.datacenter}"]
+        return {queue: list_dead(self.broker_url, queue) for queue in queues}
+
+    def tail(self) -> str:
+        return self.pipeline.tail()
+
+    def stop(self) -> None:
+        self.pipeline.stop_all()
+
+
+class ScaleOut(OnPipeline):
     """Mode `rabbitmq`: every service its own `ferry run` process on RabbitMQ + PostgreSQL,
     one archiver (so the armed one does all the archiving)."""
 
@@ -181,22 +204,6 @@ class ScaleOut:
         if service == "intake":
             self.pipeline.wait_for_api()
 
-    def client(self) -> httpx.Client:
-        return self.pipeline.client()
-
-    def status(self, client: httpx.Client, migration_id: str) -> dict[str, Any] | None:
-        return self.pipeline.status(client, migration_id)
-
-    def dead_letters(self) -> dict[str, list[Any]]:
-        queues = [*FIXED_QUEUES, f"archiver.{self.pipeline.datacenter}"]
-        return {queue: list_dead(self.broker_url, queue) for queue in queues}
-
-    def tail(self) -> str:
-        return self.pipeline.tail()
-
-    def stop(self) -> None:
-        self.pipeline.stop_all()
-
 
 def _wait_started(process: ChildProcess, earlier: int) -> None:
     """Wait for this start's ready line, after the `earlier` ones of its log."""
@@ -209,7 +216,7 @@ def scale_out(request: pytest.FixtureRequest, site: Site, workdir: Path) -> Depl
     return ScaleOut(site, workdir, request.getfixturevalue("rabbit_url"), urls)
 
 
-class Embedded:
+class Embedded(OnPipeline):
     """Mode `embedded`: `ferry run all` (every service, one process) on the default broker,
     the SQLite one in FERRY_STATE_DIR, each service with its SQLite database there. Every
     service is that process: the armed one, the one that dies and the one restarted."""
@@ -238,22 +245,6 @@ class Embedded:
         self.pipeline.spawn("all")  # the same command, without the case's env
         _wait_started(self.process(service), started)
         self.pipeline.wait_for_api()
-
-    def client(self) -> httpx.Client:
-        return self.pipeline.client()
-
-    def status(self, client: httpx.Client, migration_id: str) -> dict[str, Any] | None:
-        return self.pipeline.status(client, migration_id)
-
-    def dead_letters(self) -> dict[str, list[Any]]:
-        queues = [*FIXED_QUEUES, f"archiver.{self.pipeline.datacenter}"]
-        return {queue: list_dead(self.broker_url, queue) for queue in queues}
-
-    def tail(self) -> str:
-        return self.pipeline.tail()
-
-    def stop(self) -> None:
-        self.pipeline.stop_all()
 
 
 def embedded(request: pytest.FixtureRequest, site: Site, workdir: Path) -> Deployment:
