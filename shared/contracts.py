@@ -57,6 +57,13 @@ class ArchiveSource(BaseModel):
     excludes: tuple[str, ...] = ()
     pause_replication: bool = False
     label: str = ""  # human name: "ey04-s50000:/", "foobar_production@mysql-mega-2-replica"
+    # local_fs: the inventory's filesystem type, the only type the archiver mounts it as
+    # (never what the customer's bytes claim)
+    fs_type: str | None = None
+    # the inventory's used bytes: staging must have room for them (times a margin) first
+    used_bytes: int = 0
+    # shared_fs: the other VMs that mount it, tried in order when `host` cannot be used
+    alternates: tuple[str, ...] = ()
 
 
 class PlannedJob(BaseModel):

@@ -78,6 +78,8 @@ class SourceCommand:
     argv: list[str]
     ok_exits: tuple[int, ...]
     extension: str  # "tar" or "sql"; the compressor adds its own
+    # what was left out on purpose (a server root's scrub list): recorded with the archive
+    excluded: tuple[str, ...] = ()
 
 
 def validate_order(order: ArchiveOrder) -> None:
