@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.archiver.sources import (
+    SERVER_ROOT_SCRUB,
     ArchiveOrder,
     SnapshotExport,
     SourceInvalidError,
@@ -47,9 +48,12 @@ def test_server_root_skips_runtime_filesystems_and_the_data_directory_contents()
 
     assert "--one-file-system" in argv
     excludes = [a for a in argv if a.startswith("--exclude=")]
-    assert excludes == ["--exclude=./var/cache/apt", "--exclude=./proc/*", "--exclude=./sys/*",
-                        "--exclude=./dev/*", "--exclude=./run/*", "--exclude=./tmp/*",
-                        "--exclude=./var/lib/mysql/*"]
+    assert excludes[:6] == ["--exclude=./var/cache/apt", "--exclude=./proc/*",
+                            "--exclude=./sys/*", "--exclude=./dev/*", "--exclude=./run/*",
+                            "--exclude=./tmp/*"]
+    # then the scrub list (tests/unit/archiver/test_scrub.py), the data directory once
+    assert excludes[6:] == [f"--exclude={p}" for p, _ in SERVER_ROOT_SCRUB]
+    assert "--exclude=./var/lib/mysql/*" in excludes
     assert argv.index("--anchored") < argv.index(excludes[0])
     assert argv[-3:] == ["-cpf", "-", "."]
 
