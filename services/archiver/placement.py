@@ -99,9 +99,11 @@ def check_mounted(host: Host, path: str, types: frozenset[str]) -> Mount:
     here = [m for m in parse_mounts(table) if m.mountpoint == real]
     if not here:
         beneath = _containing(parse_mounts(table), real)
+        inside = (f"the {beneath.fs_type} filesystem at {beneath.mountpoint}" if beneath
+                  else "no mounted filesystem")
         raise NotMountedError(
             f"{host.name}: shared filesystem {shown} is not mounted there (a plain directory "
-            f"on {beneath.fs_type if beneath else 'the root'} filesystem); refusing to archive it")
+            f"in {inside}); refusing to archive it")
     mount = here[-1]  # the last one mounted is what the path shows
     if mount.fs_type not in types:
         raise NotMountedError(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.errors import PermanentError
 from shared.hosts import Host, LocalExecutor
@@ -72,7 +72,6 @@ class Capabilities:
     timeout_kill_after: bool = False
     ionice_t: bool = False
     ionice: bool = False
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def gnu_tar(self) -> tuple[int, int] | None:
