@@ -116,14 +116,14 @@ class Archiver:
             else:
                 host = self._source_host(order, warnings)
                 tools = self.probes.of(host)  # once per host: old hosts get what they run
-                timeout = usable_timeout(host, tools, 60, warnings)
                 if order.kind == "database":
-                    replica = Replica(host, order.source, self.settings, timeout=timeout)
+                    dump = dump_command(order.source, self.settings, tools)  # before a pause
+                    replica = Replica(host, order.source, self.settings,
+                                      timeout=usable_timeout(host, tools, 60, warnings))
                     with replica.held(order.source.pause_replication, warnings) as position:
-                        archive = self._stream(lease, host, dump_command(
-                            order.source, self.settings, tools), warnings, tools)
+                        archive = self._stream(lease, host, dump, warnings, tools)
                 else:
-                    data_dir = self._data_dir(host, order, warnings, timeout)
+                    data_dir = self._data_dir(host, order, warnings, tools)
                     command = filesystem_command(order, self.settings, data_dir, tools)
                     archive = self._stream(lease, host, command, warnings, tools)
             lease.check()  # taken over meanwhile: the partial goes (below), nothing is sealed
@@ -142,11 +142,12 @@ class Archiver:
                              order.source.path or "", self.settings, warnings)
 
     def _data_dir(self, host: Host, order: ArchiveOrder, warnings: list[str],
-                  timeout: float | None) -> str | None:
+                  tools: Capabilities) -> str | None:
         """A server root's database directory, asked of the server itself: never archived.
         Raises UnexpectedExit when it cannot be asked and the inventory named no excludes."""
         if order.kind != "db_server_root" or order.source.engine is None:
             return None
+        timeout = usable_timeout(host, tools, 60, warnings)
         try:
             return Replica(host, order.source, self.settings, timeout=timeout).data_dir()
         except UnexpectedExit as error:

@@ -187,3 +187,13 @@ def test_local_fs_without_snapshot_leaves_out_filesystems_mounted_inside(
     # ... where the same tar without --one-file-system would have shipped them
     assert "./data/customer-upload.bin" in names(
         tar_command(str(root), [], settings, modern()).argv)
+
+
+def test_a_crafted_mountpoint_reaches_the_check_as_one_argument(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    # the path is the script's $1: a shell never reads it as code
+    for path in (f"/data; touch {marker}", f"/tmp/$(touch {marker})"):
+        with pytest.raises(NotMountedError,
+                           match=r"local: shared filesystem /(data; touch|tmp/\$)"):
+            check_mounted(LocalExecutor(), path, accepted_types(Settings()))
+    assert not marker.exists()
