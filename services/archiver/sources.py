@@ -235,8 +235,10 @@ def tar_command(path: str, excludes: list[str], settings: Settings,
         argv.append("--one-file-system")
     if excludes:
         # anchored: "./tmp/*" is the root's /tmp only, never some other directory's tmp;
-        # a pattern for any depth says so with a leading "*/"
-        argv += ["--anchored", *(f"--exclude={pattern}" for pattern in excludes)]
+        # a pattern for any depth says so with a leading "*/". Wildcards, `*` matching `/`:
+        # GNU tar's defaults for excludes, said explicitly (TAR_OPTIONS cannot change them)
+        argv += ["--anchored", "--wildcards", "--wildcards-match-slash",
+                 *(f"--exclude={pattern}" for pattern in excludes)]
     argv += ["-cpf", "-", "."]
     return SourceCommand(argv, (0, TAR_CHANGED), "tar", excluded=tuple(excludes),
                          warnings=tuple(warnings))

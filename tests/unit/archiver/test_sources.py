@@ -145,8 +145,9 @@ def test_nbd_snapshot_is_archived_from_its_mount_here_without_nice() -> None:
     # relative to the filesystem's root; not niced (the Xen host's load is nbd-server's)
     command = snapshot_command(local, "/run/ferry/nbd/abc/mnt", Settings())
     assert command.argv == ["tar", "-C", "/run/ferry/nbd/abc/mnt", "--sort=name",
-                            "--numeric-owner", "--sparse", "--anchored",
-                            "--exclude=./var/cache", "-cpf", "-", "."]
+                            "--numeric-owner", "--sparse", "--anchored", "--wildcards",
+                            "--wildcards-match-slash", "--exclude=./var/cache", "-cpf", "-",
+                            "."]
     assert command.ok_exits == (0, 1) and command.extension == "tar"
     # ... and never through the source-side path
     with pytest.raises(PermanentError, match="exported over nbd"):
