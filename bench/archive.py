@@ -170,7 +170,8 @@ def ferry_case(server: SshServer, tree: Path, work: Path, compression: str,
                             staging_dir=work / "staging", compression=compression,
                             source_nice=nice,
                             ssh_key_path=server.user_key_path,
-                            ssh_known_hosts_path=server.known_hosts_path, lease_seconds=60)
+                            ssh_known_hosts_path=server.known_hosts_path, lease_seconds=60,
+                            shared_fs_mount_check=False)  # the tree is a plain directory
         units = open_database(settings, ARCHIVER_SCHEMA)
         engine = units.engine
         pool = host_pool(settings)

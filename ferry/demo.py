@@ -50,6 +50,7 @@ def demo_settings(workdir: Path, site: DemoSite, mysql_url: str | None,
         retry_delays=(0.5, 2.0, 5.0), transfer_backoff_seconds=1.0,
         archive_progress_seconds=1.0, transfer_progress_seconds=1.0,
         datacenter=DATACENTER, allow_local_hosts=True,  # the sample site's hosts are here
+        shared_fs_mount_check=False,  # the sample site's shared /data is a plain directory
     )
     values.update(over_ssh)
     return Settings(**values)

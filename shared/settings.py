@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     source_db_host: str | None = None
     source_db_port: int | None = Field(default=None, ge=1, le=65535)
     source_db_defaults_file: str | None = None  # mysql --defaults-extra-file on the source host
+    # A shared filesystem is archived only from a VM whose mount table shows it mounted with
+    # a shared type (services/archiver/placement.py lists them; add a site's own here) and
+    # not empty. Off only for the demo and tests that archive a plain directory as one.
+    shared_fs_mount_check: bool = True
+    shared_fs_extra_types: Annotated[tuple[str, ...], NoDecode] = ()
 
     # Intake's HTTP API: where `ferry run intake` listens, and the bearer token it demands.
     # Without a token intake refuses to start, unless told insecure_no_auth, and then only
@@ -128,6 +133,13 @@ class Settings(BaseSettings):
     def _split_delays(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("shared_fs_extra_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
     @model_validator(mode="after")

@@ -24,6 +24,8 @@ from services.archiver.compress import (
     remove_partials,
     seal,
 )
+from services.archiver.placement import mounting_host
+from services.archiver.probe import Capabilities, Probes, usable_timeout
 from services.archiver.records import (
     complete_waiting,
     fail_waiting,
@@ -68,6 +70,7 @@ class Archiver:
         self.hosts = hosts
         # absolute: archive.completed's path is read by other processes on this host
         self.staging = (settings.staging_dir / datacenter).absolute()
+        self.probes = Probes()  # each source host's tools, asked once for the process
 
     def sweep_partials(self) -> list[Path]:
         """At start: delete this host's partial files of archives no one is making any more
@@ -106,20 +109,23 @@ class Archiver:
                 # mounted here through the tunnel: tar runs on this host, not the Xen host
                 with mounted_snapshot(order.snapshot, self.hosts,
                                       run_dir(self.settings)) as mounted:
-                    command = snapshot_command(order, str(mounted), self.settings)
-                    archive = self._stream(lease, LocalExecutor(), command, warnings)
+                    local = LocalExecutor()
+                    command = snapshot_command(order, str(mounted), self.settings,
+                                               self.probes.of(local))
+                    archive = self._stream(lease, local, command, warnings)
             else:
-                host = self.hosts.get(order.source.host)
+                host = self._source_host(order, warnings)
+                tools = self.probes.of(host)  # once per host: old hosts get what they run
                 if order.kind == "database":
-                    replica = Replica(host, order.source, self.settings)
+                    dump = dump_command(order.source, self.settings, tools)  # before a pause
+                    replica = Replica(host, order.source, self.settings,
+                                      timeout=usable_timeout(host, tools, 60, warnings))
                     with replica.held(order.source.pause_replication, warnings) as position:
-                        archive = self._stream(lease, host,
-                                               dump_command(order.source, self.settings),
-                                               warnings)
+                        archive = self._stream(lease, host, dump, warnings, tools)
                 else:
-                    data_dir = self._data_dir(host, order, warnings)
-                    command = filesystem_command(order, self.settings, data_dir)
-                    archive = self._stream(lease, host, command, warnings)
+                    data_dir = self._data_dir(host, order, warnings, tools)
+                    command = filesystem_command(order, self.settings, data_dir, tools)
+                    archive = self._stream(lease, host, command, warnings, tools)
             lease.check()  # taken over meanwhile: the partial goes (below), nothing is sealed
         except BaseException:
             if archive is not None:  # not sealed: remove it
@@ -127,13 +133,23 @@ class Archiver:
             raise
         return self._done(lease, archive, started, warnings, position)
 
-    def _data_dir(self, host: Host, order: ArchiveOrder, warnings: list[str]) -> str | None:
+    def _source_host(self, order: ArchiveOrder, warnings: list[str]) -> Host:
+        """The source's host; for a shared filesystem, the first of its VMs on which it is
+        really mounted (placement.mounting_host: raises NotMountedError, NoMountingHostError)."""
+        if order.kind != "shared_fs" or not self.settings.shared_fs_mount_check:
+            return self.hosts.get(order.source.host)
+        return mounting_host(self.hosts, order.source.host, order.source.alternates,
+                             order.source.path or "", self.settings, warnings)
+
+    def _data_dir(self, host: Host, order: ArchiveOrder, warnings: list[str],
+                  tools: Capabilities) -> str | None:
         """A server root's database directory, asked of the server itself: never archived.
         Raises UnexpectedExit when it cannot be asked and the inventory named no excludes."""
         if order.kind != "db_server_root" or order.source.engine is None:
             return None
+        timeout = usable_timeout(host, tools, 60, warnings)
         try:
-            return Replica(host, order.source, self.settings).data_dir()
+            return Replica(host, order.source, self.settings, timeout=timeout).data_dir()
         except UnexpectedExit as error:
             if not order.source.excludes:
                 raise
@@ -143,7 +159,7 @@ class Archiver:
             return None
 
     def _stream(self, lease: Lease, host: Host, command: SourceCommand,
-                warnings: list[str]) -> ArchiveFile:
+                warnings: list[str], tools: Capabilities | None = None) -> ArchiveFile:
         compression = self.settings.compression
         name = f"{lease.job_id}.{command.extension}.{EXTENSIONS[compression]}"
         partial = self.staging / f"{name}.{uuid.uuid4().hex[:8]}.partial"
@@ -160,9 +176,13 @@ class Archiver:
             lease.check()  # taken over by another worker: stop streaming now
             progress.tick(writer.raw_bytes)
 
+        warnings.extend(command.warnings)
+        timeout = self.settings.command_timeout
+        if tools is not None:
+            timeout = usable_timeout(host, tools, timeout, warnings)
         try:
             result = host.run(command.argv, sink=sink, ok_exits=command.ok_exits,
-                              timeout=self.settings.command_timeout)
+                              timeout=timeout)
             archive = writer.close()
         except BaseException:
             writer.abort()

@@ -54,7 +54,10 @@ def replica_position(row: dict[str, str]) -> dict[str, str] | None:
 class Replica:
     """The database server on a source host, through `mysql` or `psql` run there."""
 
-    def __init__(self, host: Host, source: ArchiveSource, settings: Settings) -> None:
+    def __init__(self, host: Host, source: ArchiveSource, settings: Settings, *,
+                 timeout: float | None = 60) -> None:
+        # timeout None: the host has no `timeout --kill-after` for the SSH layer (probe.py)
+        self.timeout = timeout
         self.host = host
         self.source = source
         self.settings = settings
@@ -63,13 +66,14 @@ class Replica:
     def _mysql(self, sql: str, *, vertical: bool = False) -> str:
         argv = ["mysql", *mysql_options(self.settings), "--batch"]
         argv += ["--vertical"] if vertical else ["--skip-column-names"]
-        result = self.host.run([*argv, "-e", sql], timeout=60)
+        result = self.host.run([*argv, "-e", sql], timeout=self.timeout)
         return result.stdout.decode("utf-8", "replace")
 
     def _psql(self, sql: str) -> str:
         argv = ["psql", *pg_options(self.settings), "-X", "-A", "-t", "-c", sql,
                 self.source.database or "postgres"]
-        return self.host.run(argv, timeout=60).stdout.decode("utf-8", "replace").strip()
+        return self.host.run(argv, timeout=self.timeout).stdout.decode(
+            "utf-8", "replace").strip()
 
     def _mysql_either(self, old: str, new: str, *, vertical: bool = False) -> str:
         # MySQL 8.4 dropped the SLAVE spelling; 5.x and older MariaDB never had REPLICA

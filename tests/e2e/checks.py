@@ -12,11 +12,12 @@ from typing import Any
 import pymysql
 from sqlalchemy import create_engine, func, select
 
-from services.archiver.sources import ROOT_EXCLUDES
+from services.archiver.sources import ROOT_EXCLUDES, excluded_by, server_root_excludes
 from services.archiver.tables import archive_jobs
 from services.intake.tables import migration_jobs
 from services.snapshotter.tables import snapshot_jobs
 from services.transfer.tables import transfers
+from shared.contracts import ArchiveSource
 from shared.digests import file_sha256
 from tests.support.trees import describe
 
@@ -40,9 +41,9 @@ def _excluded(rel: str, excludes: list[str], contents_of: list[str]) -> bool:
 
 
 def check_tree(archive: Path, source: Path, excludes: list[str], scratch: Path,
-               contents_of: tuple[str, ...] = ()) -> None:
-    """Extract `archive` and compare it entry by entry with `source`, less `excludes` and
-    the contents (not the directories) of `contents_of`."""
+               contents_of: tuple[str, ...] = (), patterns: list[str] | None = None) -> None:
+    """Extract `archive` and compare it entry by entry with `source`, less `excludes`, the
+    contents (not the directories) of `contents_of` and what tar `patterns` leave out."""
     out = scratch / uuid.uuid4().hex
     out.mkdir(parents=True)
     decompress = subprocess.Popen(_decompress(archive), stdout=subprocess.PIPE)
@@ -52,7 +53,8 @@ def check_tree(archive: Path, source: Path, excludes: list[str], scratch: Path,
     wanted = [e.strip("/").removeprefix("./") for e in excludes]
     emptied = [e.strip("/") for e in contents_of]
     expected = {rel: entry for rel, entry in describe(source).items()
-                if rel != "." and not _excluded(rel, wanted, emptied)}
+                if rel != "." and not _excluded(rel, wanted, emptied)
+                and not excluded_by(f"./{rel}", patterns or [])}
     got = {rel: entry for rel, entry in describe(out).items() if rel != "."}
     missing = sorted(set(expected) - set(got))[:5]
     extra = sorted(set(got) - set(expected))[:5]
@@ -113,10 +115,14 @@ def check_destination(destination: Path, jobs: list[Any], source_database: str |
             assert source_database, "a database archive without a source database"
             check_database(path, source_database)
         else:
-            # a database server's root keeps /proc, /sys … as empty mount points
+            # a database server's root keeps /proc, /sys … as empty mount points, and is
+            # without its scrub list (services.archiver.sources.server_root_excludes)
             emptied = ROOT_EXCLUDES if job.kind == "db_server_root" else ()
+            scrub = server_root_excludes(ArchiveSource(
+                host="-", excludes=tuple(source.get("excludes") or ()))) if (
+                job.kind == "db_server_root") else []
             check_tree(path, Path(source["path"]), list(source.get("excludes") or []), scratch,
-                       emptied)
+                       emptied, scrub)
     return len(checked)
 
 

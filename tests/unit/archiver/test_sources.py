@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.archiver.sources import (
+    SERVER_ROOT_SCRUB,
     ArchiveOrder,
     SnapshotExport,
     SourceInvalidError,
@@ -47,9 +48,12 @@ def test_server_root_skips_runtime_filesystems_and_the_data_directory_contents()
 
     assert "--one-file-system" in argv
     excludes = [a for a in argv if a.startswith("--exclude=")]
-    assert excludes == ["--exclude=./var/cache/apt", "--exclude=./proc/*", "--exclude=./sys/*",
-                        "--exclude=./dev/*", "--exclude=./run/*", "--exclude=./tmp/*",
-                        "--exclude=./var/lib/mysql/*"]
+    assert excludes[:6] == ["--exclude=./var/cache/apt", "--exclude=./proc/*",
+                            "--exclude=./sys/*", "--exclude=./dev/*", "--exclude=./run/*",
+                            "--exclude=./tmp/*"]
+    # then the scrub list (tests/unit/archiver/test_scrub.py), the data directory once
+    assert excludes[6:] == [f"--exclude={p}" for p, _ in SERVER_ROOT_SCRUB]
+    assert "--exclude=./var/lib/mysql/*" in excludes
     assert argv.index("--anchored") < argv.index(excludes[0])
     assert argv[-3:] == ["-cpf", "-", "."]
 
@@ -141,8 +145,9 @@ def test_nbd_snapshot_is_archived_from_its_mount_here_without_nice() -> None:
     # relative to the filesystem's root; not niced (the Xen host's load is nbd-server's)
     command = snapshot_command(local, "/run/ferry/nbd/abc/mnt", Settings())
     assert command.argv == ["tar", "-C", "/run/ferry/nbd/abc/mnt", "--sort=name",
-                            "--numeric-owner", "--sparse", "--anchored",
-                            "--exclude=./var/cache", "-cpf", "-", "."]
+                            "--numeric-owner", "--sparse", "--anchored", "--wildcards",
+                            "--wildcards-match-slash", "--exclude=./var/cache", "-cpf", "-",
+                            "."]
     assert command.ok_exits == (0, 1) and command.extension == "tar"
     # ... and never through the source-side path
     with pytest.raises(PermanentError, match="exported over nbd"):
