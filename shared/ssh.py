@@ -109,6 +109,10 @@ class SSHHost(CommandRunner):
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self._tunnels: list[_Tunnel] = []
+        # False on a host whose `timeout` has no --kill-after (coreutils < 7.5, busybox): a
+        # timed-out command is then stopped only by closing its channel (SIGPIPE at its next
+        # write), not reaped on the host; the local deadline still holds
+        self.remote_reaper = True
 
     def transport(self) -> paramiko.Transport:
         """The live connection, opened (or reopened) if needed.
@@ -222,7 +226,7 @@ class SSHHost(CommandRunner):
         stdin: bytes | None,
     ) -> Result:
         remote = ["bash", "-o", "pipefail", "-c", script]
-        if timeout is not None:
+        if timeout is not None and self.remote_reaper:
             remote = ["timeout", "--kill-after=2", f"{timeout + REMOTE_GRACE:.3f}", *remote]
         transport, channel = self._channel(
             lambda t: t.open_session(timeout=self.config.connect_timeout)

@@ -187,13 +187,16 @@ class Probes:
 
 def usable_timeout(host: Host, tools: Capabilities, timeout: float | None,
                    warnings: list[str]) -> float | None:
-    """`timeout` for a command on `host`, or None (with a warning) where the SSH layer's
-    remote `timeout --kill-after` wrapper would make every command exit before it ran. The
-    local executor enforces its timeouts itself, on any host."""
+    """`timeout` for a command on `host`. Where the host's `timeout` has no --kill-after (the
+    SSH layer's remote reaper would make every command exit before it ran), the SSH host is
+    told to leave the reaper out, with a warning: the local deadline still stops the command
+    by closing its channel. The local executor enforces its timeouts itself, on any host."""
     if timeout is None or tools.remote_timeout or isinstance(host, LocalExecutor):
         return timeout
+    if getattr(host, "remote_reaper", False):
+        host.remote_reaper = False  # type: ignore[attr-defined]
     note = (f"{host.name}: no `timeout --kill-after` there ({tools.timeout_version or 'none'}):"
-            " commands run without a time limit")
+            " a command that times out is stopped by closing its connection only")
     if note not in warnings:
         warnings.append(note)
-    return None
+    return timeout

@@ -156,6 +156,22 @@ def test_timeout_raises_and_stops_the_command_and_its_children(host: Host) -> No
     assert wait_until_gone(marker, within=5) == []
 
 
+def test_without_a_remote_reaper_the_local_deadline_still_stops_a_command(
+        ssh_host: SSHHost) -> None:
+    """An old host's `timeout` lacks --kill-after (services.archiver.probe): the wrapper is
+    left out, and the deadline closes the channel; a command still writing dies of SIGPIPE."""
+    marker = f"{secrets.randbelow(9000) + 1000}.{secrets.randbelow(10**6)}"
+    ssh_host.remote_reaper = False
+    started = time.monotonic()
+
+    with pytest.raises(CommandTimedOut):
+        ssh_host.run(["bash", "-c", "while :; do echo tick; sleep 0.1; done", marker],
+                     timeout=1, sink=lambda chunk: None)
+
+    assert time.monotonic() - started < 3
+    assert wait_until_gone(marker, within=5) == []
+
+
 # -- injection --------------------------------------------------------------------------
 
 

@@ -180,6 +180,7 @@ class FakeSSHHost:
         self.output = output
         self.fail = fail
         self.runs = 0
+        self.remote_reaper = True
 
     def run(self, argv: list[str], *, timeout: float | None = None, sink: Sink | None = None,
             ok_exits: Collection[int] = (0,), stdin: bytes | None = None) -> Result:
@@ -202,11 +203,12 @@ def test_a_host_without_timeout_kill_after_runs_commands_without_a_limit_and_say
     warnings: list[str] = []
     host = FakeSSHHost("")
     assert not tools.remote_timeout
-    assert usable_timeout(host, tools, 60, warnings) is None  # type: ignore[arg-type]
-    assert usable_timeout(host, tools, 60, warnings) is None  # type: ignore[arg-type]
+    assert usable_timeout(host, tools, 60, warnings) == 60  # type: ignore[arg-type]
+    assert usable_timeout(host, tools, 60, warnings) == 60  # type: ignore[arg-type]
+    assert not host.remote_reaper  # the SSH layer leaves the remote wrapper out
     assert warnings == [f"old-replica: no `timeout --kill-after` there "
-                        f"({tools.timeout_version or 'none'}): commands run without a time "
-                        "limit"]
+                        f"({tools.timeout_version or 'none'}): a command that times out is "
+                        "stopped by closing its connection only"]
     # the local executor enforces its own timeouts
     assert usable_timeout(LocalExecutor(), tools, 60, warnings) == 60
 
