@@ -15,8 +15,9 @@ server the hosting company shares among customers (`customer: shared`) is the on
 every customer may name; each database on it still has one owner.
 Every request id is `<migration>:<kind>:<n>`, so a replayed migration plans the same ids.
 Reuse keys (the archiver coalesces requests with one key into one archive): a shared
-server's root is `db_server_root:<datacenter>:<server>:<root>`, one archive for every
-customer on that server; every other kind's key carries the migration id
+server's root is `db_server_root:<datacenter>:<server>:<root>:scrub-<digest of what it
+leaves out>`, one archive for every customer on that server (a changed scrub list makes a
+new one); every other kind's key carries the migration id
 (`<kind>:<migration>:<what>`), so a later migration never meets an old archive of a source
 that has changed since, while a replay of the same migration still meets its own.
 Nothing comes from free text in the document: hosts, devices and paths are the inventory's.
@@ -221,7 +222,11 @@ class _Planner:
                         for path in paths)
         excludes = tuple(dict.fromkeys(
             [*([replica.data_dir] if replica.data_dir else []), *per_customer]))
-        key = bounded_key(f"db_server_root:{replica.datacenter}:{name}:{replica.root}")
+        # the scrub list is in the key too: an archive made before a customer's paths were
+        # listed holds them, and must not be reused once they are
+        scrub = hashlib.sha256("\n".join(excludes).encode("utf-8")).hexdigest()[:12]
+        key = bounded_key(f"db_server_root:{replica.datacenter}:{name}:{replica.root}:"
+                          f"scrub-{scrub}")
         self._job("db_server_root", replica.datacenter, key,
                   ArchiveSource(host=replica.ssh, path=replica.root, excludes=excludes,
                                 engine=replica.engine, label=f"{name}:{replica.root}",

@@ -136,7 +136,7 @@ def test_seeds_example_resolves_on_rabbitmq_and_postgres_as_the_seed_describes(
         *[("local_fs", f"local_fs:m-seed:ey04-s5000{n}:/") for n in range(4)],
         ("shared_fs", "shared_fs:m-seed:ey04-e00075:/data"),
         ("database", "database:m-seed:mysql-mega-2-replica:foobar_production"),
-        ("db_server_root", "db_server_root:ey04:mysql-mega-2-replica:/"),
+        ("db_server_root", "db_server_root:ey04:mysql-mega-2-replica:/:scrub-63ec66ae1e58"),
     ]
     snapshots = watch.wait("snapshot.requested", 4)
     assert sorted(s["payload"]["source"]["label"] for s in snapshots) == [

@@ -38,7 +38,7 @@ def test_example_plans_the_seeds_seven_jobs_from_the_inventory() -> None:
         ("m-1:database:1", "database", "ey04",
          "database:m-1:mysql-mega-2-replica:foobar_production"),
         ("m-1:db_server_root:1", "db_server_root", "ey04",
-         "db_server_root:ey04:mysql-mega-2-replica:/"),
+         "db_server_root:ey04:mysql-mega-2-replica:/:scrub-63ec66ae1e58"),
     ]
     # And every source comes from the inventory
     local = plan.jobs[0].source
@@ -80,7 +80,7 @@ def test_two_databases_on_one_replica_share_one_root_archive(tmp_path: Path) -> 
         "shared_fs:m-2:ey04-e00075:/data",
         "database:m-2:mysql-mega-2-replica:foobar_production",
         "database:m-2:mysql-mega-2-replica:other_customer_production",
-        "db_server_root:ey04:mysql-mega-2-replica:/",
+        "db_server_root:ey04:mysql-mega-2-replica:/:scrub-63ec66ae1e58",
     ]
 
 
@@ -217,6 +217,29 @@ def test_a_dedicated_server_root_leaves_out_its_data_dir_and_customer_paths(
     plan = plan_archives(validate_document(example_document()), inventory_with(tmp_path, edit),
                          "m")
     root = plan.jobs[-1]
-    assert root.reuse_key == "db_server_root:ey04:mysql-mega-2-replica:/srv/root"
+    assert root.reuse_key.startswith("db_server_root:ey04:mysql-mega-2-replica:/srv/root:scrub-")
     assert root.source.excludes == ("/var/lib/mysql", "/home/foobar")  # each once
     assert root.source.used_bytes == 0
+
+
+def test_a_changed_scrub_list_makes_the_server_root_a_new_archive(tmp_path: Path) -> None:
+    def key(edit: Edit) -> str:
+        plan = plan_archives(validate_document(example_document()),
+                             inventory_with(tmp_path, edit), "m")
+        return plan.jobs[-1].reuse_key
+
+    def replica(data: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = data["database_servers"]["mysql-mega-2-replica"]
+        return found
+
+    unchanged = key(lambda d: None)
+    # Given another customer's database added, or the server's used bytes changed: the same
+    # archive (nothing it leaves out changed)
+    assert key(lambda d: replica(d)["databases"].update(
+        {"third_production": {"size_bytes": 1, "customer": "cust-3"}})) == unchanged
+    assert key(lambda d: replica(d).update(root_used_bytes=1)) == unchanged
+    # When a customer's path is added (an archive made before holds it), or the data
+    # directory moves: a new archive
+    assert key(lambda d: replica(d)["customer_paths"].update(
+        {"cust-3": ["/srv/cust-3"]})) != unchanged
+    assert key(lambda d: replica(d).update(data_dir="/srv/mysql")) != unchanged
