@@ -3,6 +3,9 @@
 `services.resolver.inventory` chooses the adapter (a file, or HTTP in
 `services.resolver.inventory_http`); both check what they read against these models. The
 schema is documented in docs/inventory-api.md and shown in examples/inventory.yaml.
+Every VM, environment, shared filesystem, database and database server names its owner
+(`customer`); a database server the hosting company shares among customers is owned by
+SHARED, and each database on it by one customer.
 """
 
 from __future__ import annotations

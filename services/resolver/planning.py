@@ -216,8 +216,8 @@ class _Planner:
 
     def server_root(self, name: str, replica: DatabaseServer) -> None:
         """One archive per server root, the same for every customer on it: its key names
-        only the server, and its source leaves out every customer's paths, never only the
-        migrating one's."""
+        the server and what it leaves out (never the migration or the customer), and its
+        source leaves out every customer's paths, never only the migrating one's."""
         per_customer = (path for _, paths in sorted(replica.customer_paths.items())
                         for path in paths)
         excludes = tuple(dict.fromkeys(
