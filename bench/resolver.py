@@ -38,7 +38,7 @@ from shared.envelope import Envelope  # noqa: E402
 from shared.runtime import routing_keys  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.topology import QueueSpec  # noqa: E402
-from tests.unit.resolver.documents import INVENTORY, example_document  # noqa: E402
+from tests.unit.resolver.documents import example_document, inventory_for  # noqa: E402
 
 PG_ADMIN = os.environ.get("FERRY_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 RABBIT = os.environ.get("FERRY_TEST_RABBIT", "guest:guest@127.0.0.1:5672")
@@ -69,8 +69,12 @@ def run_case(processes: int, migrations: int, workdir: Path) -> tuple[float, flo
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     db_url, broker_url = f"{PG_ADMIN}/{name}", f"amqp://{RABBIT}/{vhost}"
+    # each customer owns its own copy of the example's old site (a document moves only its
+    # own customer's), all on the one shared database server
+    inventory = inventory_for([f"cust-{n:04d}" for n in range(migrations)],
+                              workdir / f"{name}-inventory.json")
     env = {**os.environ, "FERRY_BROKER_URL": broker_url, "FERRY_RESOLVER_DATABASE_URL": db_url,
-           "FERRY_INVENTORY": str(INVENTORY), "FERRY_STATE_DIR": str(workdir),
+           "FERRY_INVENTORY": str(inventory), "FERRY_STATE_DIR": str(workdir),
            "FERRY_PUBLIC_IP_POOL": "198.18.0.0/20", "FERRY_PREFETCH": "16",
            "PYTHONPATH": str(ROOT)}
     declare_topology(broker_url, QueueSpec(NAME, routing_keys(HANDLERS)),

@@ -21,6 +21,7 @@ DATACENTER = "ey04"
 OLD_ENV = "ey04-e00075"
 MASTER, REPLICA = "mysql-mega-2-master", "mysql-mega-2-replica"
 ROWS = {"small": 20_000, "medium": 200_000}
+CUSTOMER = "cust-demo"  # the document's customer, the owner of every old entity it moves
 
 
 @dataclass
@@ -143,24 +144,28 @@ def inventory(site: DemoSite) -> dict[str, Any]:
         root = site.root(old_vm(index))
         vms[old_vm(index)] = {
             "datacenter": DATACENTER, "xen_host": "xen-demo", "ssh": site.address,
+            "customer": CUSTOMER,
             "filesystems": [{"mountpoint": "/", "device": f"/dev/vg_demo/{old_vm(index)}-root",
                              "fs_type": "ext4", "used_bytes": du(root),
                              "size_bytes": 16 << 30, "snapshot_driver": "none",
                              "path": str(root)}],
         }
     data = site.data
-    databases = {site.database: {"size_bytes": 0}} if site.database else {}
+    databases = ({site.database: {"size_bytes": 0, "customer": CUSTOMER}}
+                 if site.database else {})
+    # the hosting company's servers, shared: each database on them is one customer's
     server = {"datacenter": DATACENTER, "engine": "mysql", "version": "5.0.51",
-              "ssh": site.address,
+              "ssh": site.address, "customer": "shared",
               "databases": databases, "data_dir": "/var/lib/mysql"}
     return {
         "datacenters": {DATACENTER: {"archive_hosts": ["local"]}},
         "xen_hosts": {"xen-demo": {"datacenter": DATACENTER, "address": site.address}},
         "vms": vms,
         "environments": {OLD_ENV: {
-            "datacenter": DATACENTER, "vms": list(vms),
+            "datacenter": DATACENTER, "vms": list(vms), "customer": CUSTOMER,
             "shared_filesystems": [{"mountpoint": "/data", "used_bytes": du(data),
-                                    "mounted_on": [old_vm(0)], "path": str(data)}],
+                                    "mounted_on": [old_vm(0)], "path": str(data),
+                                    "customer": CUSTOMER}],
         }},
         "database_servers": {
             MASTER: {**server, "role": "master", "replicas": [REPLICA]},
@@ -190,7 +195,7 @@ def document(site: DemoSite) -> dict[str, Any]:
                    "new_database_group": "db_1"}] if site.database else [])
     return {
         "version": 1,
-        "customer": {"id": "cust-demo", "name": "Foobar Inc. (demo)"},
+        "customer": {"id": CUSTOMER, "name": "Foobar Inc. (demo)"},
         "environments": [{"duid": "env_1", "name_hint": "foobar app", "vms": apps},
                          {"duid": "env_2", "name_hint": "foobar db", "vms": [master, replica]}],
         "vms": vms,

@@ -46,8 +46,9 @@ def resolve_migration(event: MigrationSubmitted, ctx: Context[Resolver]) -> None
     snapshot.requested / archive.requested per job.
 
     Raises PermanentError (the runtime emits migration.failed through `fail_migration`) for
-    an invalid document or an entity the inventory lacks, TransientError when the inventory
-    is unreachable. An exhausted pool fails the migration here, holding nothing.
+    an invalid document, an entity the inventory lacks or old entities another customer
+    owns (planning.NotOwnedError, before anything is allocated), TransientError when the
+    inventory is unreachable. An exhausted pool fails the migration here, holding nothing.
     """
     resolver, migration_id = ctx.deps, ctx.migration_id
     document = _parse(event, migration_id)

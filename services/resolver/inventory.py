@@ -22,14 +22,17 @@ from pydantic import ValidationError
 from services.resolver.inventory_http import HttpInventory
 from services.resolver.inventory_model import (
     KINDS,
+    SHARED,
     Address,
     Bytes,
+    CustomerId,
     Database,
     DatabaseServer,
     Datacenter,
     DatacenterName,
     Environment,
     InventoryDocument,
+    InventoryFileInvalidError,
     InventoryInvalidError,
     InventoryModel,
     LocalFilesystem,
@@ -46,6 +49,7 @@ from shared.settings import Settings
 __all__ = [
     "Address",
     "Bytes",
+    "CustomerId",
     "Database",
     "DatabaseServer",
     "Datacenter",
@@ -54,6 +58,7 @@ __all__ = [
     "FileInventory",
     "Inventory",
     "InventoryDocument",
+    "InventoryFileInvalidError",
     "InventoryInvalidError",
     "InventoryModel",
     "KINDS",
@@ -61,6 +66,7 @@ __all__ = [
     "M",
     "open_inventory",
     "reference_problems",
+    "SHARED",
     "SharedFilesystem",
     "UnknownEntityError",
     "validation_summary",
@@ -99,7 +105,8 @@ class FileInventory:
         except (ValueError, yaml.YAMLError) as error:
             detail = (validation_summary(error) if isinstance(error, ValidationError)
                       else str(error).splitlines()[0])
-            raise ConfigurationError(f"inventory {self.path} is invalid: {detail}") from None
+            raise InventoryFileInvalidError(
+                f"inventory {self.path} is invalid: {detail}") from None
         self._stamp = (stat.st_mtime_ns, stat.st_size)
         return document
 
@@ -138,13 +145,21 @@ def open_inventory(settings: Settings) -> Inventory:
 
 
 def reference_problems(document: InventoryDocument) -> list[str]:
-    """Names an inventory uses but does not define, and servers that disagree about who
-    replicates whom: what `ferry inventory check` reports for a file."""
+    """Names an inventory uses but does not define, servers that disagree about who
+    replicates whom, and entities that name another customer's (an environment's VMs, the
+    VMs a shared filesystem is mounted on, a replica and its master): what `ferry inventory
+    check` reports for a file."""
     problems: list[str] = []
 
     def need(kind: str, known: dict[str, Any], name: str | None, used_by: str) -> None:
         if name is not None and name not in known:
             problems.append(f"{used_by} names {kind} {name!r}, which the inventory lacks")
+
+    def same_owner(used_by: str, owner: str, vm_name: str) -> None:
+        vm = document.vms.get(vm_name)
+        if vm is not None and vm.customer != owner:
+            problems.append(f"{used_by} of customer {owner!r} names VM {vm_name!r} of "
+                            f"customer {vm.customer!r}")
 
     for name, xen in document.xen_hosts.items():
         need("datacenter", document.datacenters, xen.datacenter, f"Xen host {name!r}")
@@ -155,9 +170,11 @@ def reference_problems(document: InventoryDocument) -> list[str]:
         need("datacenter", document.datacenters, env.datacenter, f"environment {name!r}")
         for vm_name in env.vms:
             need("VM", document.vms, vm_name, f"environment {name!r}")
+            same_owner(f"environment {name!r}", env.customer, vm_name)
         for fs in env.shared_filesystems:
             for vm_name in fs.mounted_on:
                 need("VM", document.vms, vm_name, f"{name}:{fs.mountpoint}")
+                same_owner(f"shared filesystem {name}:{fs.mountpoint}", fs.customer, vm_name)
     servers = document.database_servers
     for name, server in servers.items():
         need("datacenter", document.datacenters, server.datacenter, f"server {name!r}")
@@ -167,4 +184,7 @@ def reference_problems(document: InventoryDocument) -> list[str]:
             if replica in servers and servers[replica].master not in (None, name):
                 problems.append(f"{name!r} lists replica {replica!r}, whose master is "
                                 f"{servers[replica].master!r}")
+        if server.master in servers and servers[server.master].customer != server.customer:
+            problems.append(f"replica {name!r} belongs to {server.customer!r}, its master "
+                            f"{server.master!r} to {servers[server.master].customer!r}")
     return problems

@@ -3,13 +3,23 @@
 `services.resolver.inventory` chooses the adapter (a file, or HTTP in
 `services.resolver.inventory_http`); both check what they read against these models. The
 schema is documented in docs/inventory-api.md and shown in examples/inventory.yaml.
+Every VM, environment, shared filesystem, database and database server names its owner
+(`customer`); a database server the hosting company shares among customers is owned by
+SHARED, and each database on it by one customer.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from shared.addresses import parse_address
 from shared.document import HostName, Mountpoint
@@ -25,7 +35,19 @@ def _check_address(value: str) -> str:
     return value
 
 
+SHARED = "shared"  # the owner of a database server the hosting company shares among customers
+
+
+def _check_customer(value: str) -> str:
+    if value == SHARED:
+        raise ValueError(f"{SHARED!r} owns only database servers (a server shared by "
+                         "customers); this entity belongs to one customer")
+    return value
+
+
 Address = Annotated[str, AfterValidator(_check_address)]  # "local" or [user@]host[:port]
+# The document's customer id (`customer.id`), never the reserved SHARED.
+CustomerId = Annotated[HostName, AfterValidator(_check_customer)]
 DatacenterName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 Bytes = Annotated[int, Field(ge=0)]
 
@@ -59,6 +81,7 @@ class Vm(InventoryModel):
     xen_host: HostName
     ssh: Address
     filesystems: tuple[LocalFilesystem, ...] = ()
+    customer: CustomerId  # its owner: only that customer's document moves it
 
 
 class SharedFilesystem(InventoryModel):
@@ -66,16 +89,19 @@ class SharedFilesystem(InventoryModel):
     used_bytes: Bytes = 0
     mounted_on: tuple[HostName, ...] = Field(min_length=1)
     path: Mountpoint | None = None  # where the VMs see it, when not at the mountpoint
+    customer: CustomerId
 
 
 class Environment(InventoryModel):
     datacenter: DatacenterName
     vms: tuple[HostName, ...] = ()
     shared_filesystems: tuple[SharedFilesystem, ...] = ()
+    customer: CustomerId
 
 
 class Database(InventoryModel):
     size_bytes: Bytes = 0
+    customer: CustomerId  # on a shared server, each database still has one owner
 
 
 class DatabaseServer(InventoryModel):
@@ -90,6 +116,29 @@ class DatabaseServer(InventoryModel):
     data_dir: Mountpoint | None = None  # left out of a db_server_root archive
     root: Mountpoint = "/"  # what a db_server_root archive takes
     pause_replication: bool = False  # pause the replica's SQL thread while dumping
+    root_used_bytes: Bytes = 0  # used space under `root` (what its archive needs in staging)
+    # Paths that hold one customer's things on the server (an upload spool, a per-customer
+    # config), written like data_dir (absolute, as the server sees them under `root`): left
+    # out of the root archive, every customer's, since that one archive is shipped to every
+    # customer on the server (their data travels in their database dumps).
+    customer_paths: dict[CustomerId, tuple[Mountpoint, ...]] = {}
+    # One customer's server, or SHARED: the hosting company's, with customers' databases
+    customer: HostName
+
+    @model_validator(mode="after")
+    def _owners_agree(self) -> DatabaseServer:
+        for owner, paths in sorted(self.customer_paths.items()):
+            if "/" in paths:
+                raise ValueError(f"customer_paths of {owner!r} names '/': that would leave "
+                                 "the whole root out")
+        if self.customer != SHARED:
+            for name, database in sorted(self.databases.items()):
+                if database.customer != self.customer:
+                    raise ValueError(
+                        f"database {name!r} belongs to customer {database.customer!r} on a "
+                        f"server of customer {self.customer!r} (a server that holds several "
+                        f"customers' databases is `customer: {SHARED}`)")
+        return self
 
 
 class InventoryDocument(InventoryModel):
@@ -121,10 +170,19 @@ class InventoryInvalidError(PermanentError):
     """The inventory answered with something that breaks its schema."""
 
 
+class InventoryFileInvalidError(InventoryInvalidError, ConfigurationError):
+    """An inventory file that breaks the schema: a wrong setting when the resolver starts
+    (it stops, naming the field at fault), a failed migration when a changed file is read."""
+
+
 def validation_summary(error: ValidationError, limit: int = 3) -> str:
     parts = []
     for item in error.errors()[:limit]:
         where = ".".join(str(p) for p in item["loc"]) or "(root)"
-        parts.append(f"{where}: {item['msg']}")
+        message = item["msg"]
+        if item["type"] == "missing" and item["loc"][-1:] == ("customer",):
+            message = ("no owner: `customer` is required (on every VM, environment, shared "
+                       "filesystem, database and database server)")
+        parts.append(f"{where}: {message}")
     more = f"; and {error.error_count() - limit} more" if error.error_count() > limit else ""
     return "; ".join(parts) + more

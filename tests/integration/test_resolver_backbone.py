@@ -133,10 +133,10 @@ def test_seeds_example_resolves_on_rabbitmq_and_postgres_as_the_seed_describes(
     assert document["migration"]["shared_filesystems"][0]["new_vm"] == "tm21-s00101"
     # And the job list is the seed's: four roots, the GFS, the database, the replica's root
     assert [(j["kind"], j["reuse_key"]) for j in resolved["jobs"]] == [
-        *[("local_fs", f"local_fs:ey04-s5000{n}:/") for n in range(4)],
-        ("shared_fs", "shared_fs:ey04-e00075:/data"),
-        ("database", "database:mysql-mega-2-replica:foobar_production"),
-        ("db_server_root", "db_server_root:mysql-mega-2-replica"),
+        *[("local_fs", f"local_fs:m-seed:ey04-s5000{n}:/") for n in range(4)],
+        ("shared_fs", "shared_fs:m-seed:ey04-e00075:/data"),
+        ("database", "database:m-seed:mysql-mega-2-replica:foobar_production"),
+        ("db_server_root", "db_server_root:ey04:mysql-mega-2-replica:/:scrub-63ec66ae1e58"),
     ]
     snapshots = watch.wait("snapshot.requested", 4)
     assert sorted(s["payload"]["source"]["label"] for s in snapshots) == [
@@ -152,7 +152,7 @@ def test_redelivery_has_one_effect_and_replay_yields_the_same_allocations(
 ) -> None:
     service, watch = running
     broker = service.settings.broker_url
-    envelope = submitted(example_document("cust-7"), "m-again")
+    envelope = submitted(example_document(), "m-again")
     publish_all(broker, [envelope])
     first = watch.wait("migration.resolved", 1)[0]
     emitted = outbox_rows(service.engine)
@@ -166,7 +166,7 @@ def test_redelivery_has_one_effect_and_replay_yields_the_same_allocations(
     assert outbox_rows(service.engine) == emitted
     assert held_by(service.engine, "m-again") == 16
     # When the migration is submitted again as a new message (a replay)
-    replay = submitted(example_document("cust-7"), "m-again")
+    replay = submitted(example_document(), "m-again")
     publish_all(broker, [replay])
     watch.wait("migration.resolved", 2)
     # Then it resolves to the very same allocations, and still holds only those; the

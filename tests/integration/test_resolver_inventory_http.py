@@ -49,7 +49,8 @@ TOKEN = "s3cret"
 
 def inventory_app(path: Path, state: dict[str, str]) -> FastAPI:
     """The documented API: GET /api/<collection>/<name>, bearer token, 404 when unknown.
-    `state["mode"]` makes it misbehave: down (503), slow, garbage, wrong-shape."""
+    `state["mode"]` makes it misbehave: down (503), slow, garbage, wrong-shape, no-owner
+    (every entity without its `customer`)."""
     data = yaml.safe_load(path.read_text())
     app = FastAPI()
 
@@ -70,9 +71,20 @@ def inventory_app(path: Path, state: dict[str, str]) -> FastAPI:
         found = data.get(COLLECTIONS.get(collection, ""), {}).get(name)
         if found is None:
             return JSONResponse({"detail": f"no {collection} named {name}"}, status_code=404)
+        if mode == "no-owner":
+            return JSONResponse(without_owners(found))
         return JSONResponse(found)
 
     return app
+
+
+def without_owners(entity: Any) -> Any:
+    """The entity with every `customer` left out, its nested ones too."""
+    if isinstance(entity, dict):
+        return {k: without_owners(v) for k, v in entity.items() if k != "customer"}
+    if isinstance(entity, list):
+        return [without_owners(v) for v in entity]
+    return entity
 
 
 class InventoryServer:
@@ -207,3 +219,26 @@ def test_resolver_retries_an_unreachable_inventory_then_resolves(
         service.engine.dispose()
         watch.close()
         inventory.stop()
+
+
+@pytest.mark.parametrize("model, name, named", [
+    (Vm, "ey04-s50000", "invalid old VM 'ey04-s50000': customer: no owner"),
+    (Environment, "ey04-e00075", "invalid old environment 'ey04-e00075': "
+                                 "shared_filesystems.0.customer: no owner"),
+    (DatabaseServer, "mysql-mega-2-replica",
+     "invalid database server 'mysql-mega-2-replica': databases.foobar_production.customer: "
+     "no owner"),
+])
+def test_entity_answered_without_an_owner_is_an_inventory_error_naming_it(
+        server: InventoryServer, http: HttpInventory, model: type[Any], name: str,
+        named: str) -> None:
+    # Given an inventory that answers its entities without their owners
+    server.state["mode"] = "no-owner"
+    # Then each is an inventory error naming the entity and what lacks an owner
+    with pytest.raises(InventoryInvalidError) as caught:
+        http.lookup(model, name)
+    assert named in str(caught.value)
+    assert "`customer` is required" in str(caught.value)
+    # And (the control) the same entity with its owner is read
+    server.state["mode"] = "ok"
+    assert http.lookup(model, name).customer in ("cust-1042", "shared")

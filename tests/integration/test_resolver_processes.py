@@ -24,7 +24,7 @@ from tests.integration.test_resolver_backbone import (
 )
 from tests.support.helpers import wait_for
 from tests.support.processes import ChildProcess
-from tests.unit.resolver.documents import INVENTORY, example_document
+from tests.unit.resolver.documents import example_document, inventory_for
 
 StartResolvers = Callable[..., list[ChildProcess]]
 
@@ -38,8 +38,12 @@ def start_resolvers(tmp_path: Path, processes: list[ChildProcess]) -> StartResol
         # The queue exists before anything is published, so nothing is routed nowhere.
         declare_topology(broker_url, QueueSpec(NAME, routing_keys(HANDLERS)),
                          resolver_settings(broker_url, db_url, tmp_path))
+        # every customer these tests migrate owns its own copy of the example's old site
+        inventory = inventory_for([*(f"cust-{n:02d}" for n in range(30)),
+                                   *(f"cust-big-{n}" for n in range(4))],
+                                  tmp_path / "inventory.json")
         environment = {"FERRY_BROKER_URL": broker_url, "FERRY_RESOLVER_DATABASE_URL": db_url,
-                       "FERRY_INVENTORY": str(INVENTORY), "FERRY_STATE_DIR": str(tmp_path),
+                       "FERRY_INVENTORY": str(inventory), "FERRY_STATE_DIR": str(tmp_path),
                        "FERRY_OUTBOX_POLL_SECONDS": "0.1", "FERRY_RETRY_DELAYS": "0.2,0.5",
                        **env}
         batch = [ChildProcess("services.resolver", env=environment,

@@ -24,7 +24,7 @@ def test_check_shows_the_jobs_a_document_would_get(capsys: pytest.CaptureFixture
                    str(ROOT / "examples" / "migration.json")])
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "7 archive jobs" in out and "db_server_root:mysql-mega-2-replica" in out
+    assert "7 archive jobs" in out and "db_server_root:ey04:mysql-mega-2-replica:/:scrub-" in out
     assert "is usable" in out
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,10 +16,12 @@ from services.resolver.inventory import (
     DatabaseServer,
     Environment,
     FileInventory,
+    InventoryInvalidError,
     UnknownEntityError,
     Vm,
     XenHost,
     open_inventory,
+    reference_problems,
 )
 from services.resolver.inventory_http import HttpInventory
 from shared.errors import ConfigurationError
@@ -87,3 +92,88 @@ def test_ferry_inventory_chooses_the_adapter() -> None:
         open_inventory(Settings())
     with pytest.raises(ConfigurationError, match="No such file"):
         open_inventory(Settings(inventory="/nonexistent/inventory.yaml"))
+
+
+def _without(data: dict[str, Any], *path: str | int) -> None:
+    entity: Any = data
+    for key in path:
+        entity = entity[key]
+    del entity["customer"]
+
+
+@pytest.mark.parametrize("path, named", [
+    (("vms", "ey04-s50000"), "vms.ey04-s50000.customer"),
+    (("environments", "ey04-e00075"), "environments.ey04-e00075.customer"),
+    (("environments", "ey04-e00075", "shared_filesystems", 0),
+     "environments.ey04-e00075.shared_filesystems.0.customer"),
+    (("database_servers", "mysql-mega-2-replica"),
+     "database_servers.mysql-mega-2-replica.customer"),
+    (("database_servers", "mysql-mega-2-replica", "databases", "foobar_production"),
+     "database_servers.mysql-mega-2-replica.databases.foobar_production.customer"),
+])
+def test_entity_without_an_owner_is_an_inventory_error_naming_it(
+        tmp_path: Path, path: tuple[str | int, ...], named: str) -> None:
+    # Given the example inventory with one entity's owner left out
+    data = yaml.safe_load(INVENTORY.read_text())
+    _without(data, *path)
+    file = tmp_path / "inventory.yaml"
+    file.write_text(yaml.safe_dump(data))
+    # Then reading it is an inventory error naming the entity (and, read at start, a
+    # configuration error that stops the resolver)
+    with pytest.raises(InventoryInvalidError) as caught:
+        FileInventory(file)
+    assert isinstance(caught.value, ConfigurationError)
+    assert f"{named}: no owner: `customer` is required" in str(caught.value)
+
+
+def test_owner_left_out_of_a_file_already_read_fails_the_next_lookup(tmp_path: Path) -> None:
+    # Given a file inventory in use
+    file = tmp_path / "inventory.yaml"
+    file.write_text(INVENTORY.read_text())
+    inventory = FileInventory(file)
+    # When an operator's edit leaves a VM's owner out
+    data = yaml.safe_load(INVENTORY.read_text())
+    _without(data, "vms", "ey04-s50002")
+    file.write_text(yaml.safe_dump(data))
+    os.utime(file, ns=(1, 1))
+    # Then the next lookup is an inventory error (permanent: the migration fails) naming it
+    with pytest.raises(InventoryInvalidError, match=r"vms\.ey04-s50002\.customer: no owner"):
+        inventory.lookup(Vm, "ey04-s50000")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda d: d["vms"]["ey04-s50000"].update(customer="shared"),
+     "'shared' owns only database servers"),
+    (lambda d: d["database_servers"]["mysql-mega-2-replica"].update(customer="cust-1042"),
+     "database 'other_customer_production' belongs to customer 'cust-2077' on a server of "
+     "customer 'cust-1042'"),
+    (lambda d: d["database_servers"]["mysql-mega-2-replica"]["customer_paths"].update(
+        {"cust-1042": ["/"]}), "customer_paths of 'cust-1042' names '/'"),
+    (lambda d: d["database_servers"]["mysql-mega-2-replica"]["customer_paths"].update(
+        {"cust-1042": ["var/x"]}), "not absolute"),
+])
+def test_owners_that_cannot_be_are_refused(tmp_path: Path, edit: Callable[[Any], Any],
+                                           says: str) -> None:
+    data = yaml.safe_load(INVENTORY.read_text())
+    edit(data)
+    file = tmp_path / "inventory.yaml"
+    file.write_text(yaml.safe_dump(data))
+    with pytest.raises(InventoryInvalidError, match=re.escape(says)):
+        FileInventory(file)
+
+
+def test_check_reports_entities_naming_another_customers(tmp_path: Path) -> None:
+    data = yaml.safe_load(INVENTORY.read_text())
+    data["vms"]["ey04-s50003"]["customer"] = "cust-2077"
+    data["database_servers"]["mysql-mega-2-master"]["customer"] = "cust-2077"
+    data["database_servers"]["mysql-mega-2-master"]["databases"] = {}
+    file = tmp_path / "inventory.yaml"
+    file.write_text(yaml.safe_dump(data))
+    assert reference_problems(FileInventory(file).document()) == [
+        "environment 'ey04-e00075' of customer 'cust-1042' names VM 'ey04-s50003' of "
+        "customer 'cust-2077'",
+        "shared filesystem ey04-e00075:/data of customer 'cust-1042' names VM 'ey04-s50003' "
+        "of customer 'cust-2077'",
+        "replica 'mysql-mega-2-replica' belongs to 'shared', its master "
+        "'mysql-mega-2-master' to 'cust-2077'",
+    ]

@@ -30,22 +30,32 @@ def test_example_plans_the_seeds_seven_jobs_from_the_inventory() -> None:
     plan = plan_archives(validate_document(example_document()), FileInventory(INVENTORY), "m-1")
     # Then: the four app VMs' roots, the GFS /data, the database and the replica's root
     assert [(j.request_id, j.kind, j.datacenter, j.reuse_key) for j in plan.jobs] == [
-        ("m-1:local_fs:1", "local_fs", "ey04", "local_fs:ey04-s50000:/"),
-        ("m-1:local_fs:2", "local_fs", "ey04", "local_fs:ey04-s50001:/"),
-        ("m-1:local_fs:3", "local_fs", "ey04", "local_fs:ey04-s50002:/"),
-        ("m-1:local_fs:4", "local_fs", "ey04", "local_fs:ey04-s50003:/"),
-        ("m-1:shared_fs:1", "shared_fs", "ey04", "shared_fs:ey04-e00075:/data"),
-        ("m-1:database:1", "database", "ey04", "database:mysql-mega-2-replica:foobar_production"),
-        ("m-1:db_server_root:1", "db_server_root", "ey04", "db_server_root:mysql-mega-2-replica"),
+        ("m-1:local_fs:1", "local_fs", "ey04", "local_fs:m-1:ey04-s50000:/"),
+        ("m-1:local_fs:2", "local_fs", "ey04", "local_fs:m-1:ey04-s50001:/"),
+        ("m-1:local_fs:3", "local_fs", "ey04", "local_fs:m-1:ey04-s50002:/"),
+        ("m-1:local_fs:4", "local_fs", "ey04", "local_fs:m-1:ey04-s50003:/"),
+        ("m-1:shared_fs:1", "shared_fs", "ey04", "shared_fs:m-1:ey04-e00075:/data"),
+        ("m-1:database:1", "database", "ey04",
+         "database:m-1:mysql-mega-2-replica:foobar_production"),
+        ("m-1:db_server_root:1", "db_server_root", "ey04",
+         "db_server_root:ey04:mysql-mega-2-replica:/:scrub-63ec66ae1e58"),
     ]
     # And every source comes from the inventory
+    local = plan.jobs[0].source
+    assert (local.fs_type, local.used_bytes) == ("reiserfs", 6442450944)
     shared, database, root = (j.source for j in plan.jobs[4:])
-    assert (shared.host, shared.path) == ("root@ey04-s50000.internal", "/data")
-    assert (database.host, database.database, database.engine) == (
-        "root@mysql-mega-2-replica.internal", "foobar_production", "mysql")
+    assert (shared.host, shared.path, shared.used_bytes) == (
+        "root@ey04-s50000.internal", "/data", 32212254720)
+    assert shared.alternates == tuple(f"root@ey04-s5000{n}.internal" for n in (1, 2, 3))
+    assert (database.host, database.database, database.engine, database.used_bytes) == (
+        "root@mysql-mega-2-replica.internal", "foobar_production", "mysql", 8589934592)
     assert database.label == "foobar_production@mysql-mega-2-replica"
-    assert (root.host, root.path, root.excludes) == (
-        "root@mysql-mega-2-replica.internal", "/", ("/var/lib/mysql",))
+    # And the shared server's root leaves out the data directory and every customer's paths
+    assert (root.host, root.path, root.used_bytes) == (
+        "root@mysql-mega-2-replica.internal", "/", 3221225472)
+    assert root.excludes == ("/var/lib/mysql", "/etc/mysql/conf.d/foobar.cnf",
+                             "/var/backups/mysql/foobar", "/var/backups/mysql/other_customer")
+    assert (shared.fs_type, database.fs_type, root.fs_type) == (None, None, None)
     # And local filesystems are snapshot requests on their Xen hosts; the rest archive requests
     first = plan.snapshots[0]
     assert (first.request_id, first.xen_host, first.device, first.size_bytes, first.driver) == (
@@ -56,17 +66,21 @@ def test_example_plans_the_seeds_seven_jobs_from_the_inventory() -> None:
     assert [a.request_id for a in plan.archives] == [j.request_id for j in plan.jobs[4:]]
 
 
-def test_two_databases_on_one_replica_share_one_root_archive() -> None:
+def test_two_databases_on_one_replica_share_one_root_archive(tmp_path: Path) -> None:
+    def edit(data: dict[str, Any]) -> None:
+        for server in data["database_servers"].values():
+            server["databases"]["other_customer_production"]["customer"] = "cust-1042"
+
     document = example_document(databases=[
         {"name": name, "old_master": "mysql-mega-2-master", "old_replica": "mysql-mega-2-replica",
          "new_database_group": "db_1"}
         for name in ("foobar_production", "other_customer_production")])
-    plan = plan_archives(validate_document(document), FileInventory(INVENTORY), "m-2")
+    plan = plan_archives(validate_document(document), inventory_with(tmp_path, edit), "m-2")
     assert [j.reuse_key for j in plan.jobs if j.kind != "local_fs"] == [
-        "shared_fs:ey04-e00075:/data",
-        "database:mysql-mega-2-replica:foobar_production",
-        "database:mysql-mega-2-replica:other_customer_production",
-        "db_server_root:mysql-mega-2-replica",
+        "shared_fs:m-2:ey04-e00075:/data",
+        "database:m-2:mysql-mega-2-replica:foobar_production",
+        "database:m-2:mysql-mega-2-replica:other_customer_production",
+        "db_server_root:ey04:mysql-mega-2-replica:/:scrub-63ec66ae1e58",
     ]
 
 
@@ -142,3 +156,90 @@ def test_driver_none_archives_the_inventory_path_as_it_is(tmp_path: Path) -> Non
     snapshot = plan.snapshots[0]
     assert snapshot.driver == "none" and snapshot.source.path == "/srv/quiet-root"
     assert snapshot.size_bytes == 16106127360
+
+
+def test_only_a_servers_root_keeps_its_reuse_key_from_one_migration_to_the_next() -> None:
+    # Given the same customer's document planned for two migrations (a second attempt)
+    document = validate_document(example_document())
+    first, second = (plan_archives(document, FileInventory(INVENTORY), m)
+                     for m in ("m-1", "m-2"))
+    keys = [(a.kind, a.reuse_key == b.reuse_key) for a, b in zip(first.jobs, second.jobs,
+                                                                    strict=True)]
+    # Then every source but the database server's root gets a key of its own migration, so
+    # the second archives afresh; the root is one archive per datacenter, server and root
+    assert keys == [("local_fs", False)] * 4 + [("shared_fs", False), ("database", False),
+                                                 ("db_server_root", True)]
+    # And a replay of one migration plans the very same keys (the archiver coalesces them)
+    assert plan_archives(document, FileInventory(INVENTORY), "m-1") == first
+
+
+def test_a_reuse_key_longer_than_the_archivers_column_is_bounded_and_still_distinct(
+        tmp_path: Path) -> None:
+    deep = "/" + "/".join(["d" * 60] * 8)
+
+    def edit(data: dict[str, Any]) -> None:
+        data["vms"]["ey04-s50000"]["filesystems"][0]["mountpoint"] = deep
+        data["vms"]["ey04-s50001"]["filesystems"][0]["mountpoint"] = deep + "x"
+
+    plan = plan_archives(validate_document(example_document()), inventory_with(tmp_path, edit),
+                         "m")
+    first, second = plan.jobs[0].reuse_key, plan.jobs[1].reuse_key
+    assert len(first) == len(second) == 255 and first != second
+    assert first.startswith("local_fs:m:ey04-s50000:/ddd")
+
+
+def test_shared_filesystem_alternates_are_the_later_mounting_vms_of_its_datacenter(
+        tmp_path: Path) -> None:
+    def edit(data: dict[str, Any]) -> None:
+        data["datacenters"]["ey02"] = {}
+        data["vms"]["ey04-s50002"]["datacenter"] = "ey02"  # not reachable from ey04's archiver
+        data["xen_hosts"]["xen-ey04-12"]["datacenter"] = "ey02"
+        data["environments"]["ey04-e00075"]["shared_filesystems"][0]["mounted_on"] = [
+            "ey04-s50077", "ey04-s50001", "ey04-s50003", "ey04-s50088", "ey04-s50002",
+            "ey04-s50000"]
+
+    document = example_document(local_filesystems=[])
+    plan = plan_archives(validate_document(document), inventory_with(tmp_path, edit), "m")
+    shared = plan.archives[0].source
+    assert shared.host == "root@ey04-s50001.internal"
+    assert shared.alternates == ("root@ey04-s50003.internal", "root@ey04-s50000.internal")
+
+
+def test_a_dedicated_server_root_leaves_out_its_data_dir_and_customer_paths(
+        tmp_path: Path) -> None:
+    def edit(data: dict[str, Any]) -> None:
+        replica = data["database_servers"]["mysql-mega-2-replica"]
+        replica.update(customer="cust-1042", root="/srv/root", customer_paths={
+            "cust-1042": ["/var/lib/mysql", "/home/foobar"]})
+        del replica["databases"]["other_customer_production"]
+        del replica["root_used_bytes"]
+
+    plan = plan_archives(validate_document(example_document()), inventory_with(tmp_path, edit),
+                         "m")
+    root = plan.jobs[-1]
+    assert root.reuse_key.startswith("db_server_root:ey04:mysql-mega-2-replica:/srv/root:scrub-")
+    assert root.source.excludes == ("/var/lib/mysql", "/home/foobar")  # each once
+    assert root.source.used_bytes == 0
+
+
+def test_a_changed_scrub_list_makes_the_server_root_a_new_archive(tmp_path: Path) -> None:
+    def key(edit: Edit) -> str:
+        plan = plan_archives(validate_document(example_document()),
+                             inventory_with(tmp_path, edit), "m")
+        return plan.jobs[-1].reuse_key
+
+    def replica(data: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = data["database_servers"]["mysql-mega-2-replica"]
+        return found
+
+    unchanged = key(lambda d: None)
+    # Given another customer's database added, or the server's used bytes changed: the same
+    # archive (nothing it leaves out changed)
+    assert key(lambda d: replica(d)["databases"].update(
+        {"third_production": {"size_bytes": 1, "customer": "cust-3"}})) == unchanged
+    assert key(lambda d: replica(d).update(root_used_bytes=1)) == unchanged
+    # When a customer's path is added (an archive made before holds it), or the data
+    # directory moves: a new archive
+    assert key(lambda d: replica(d)["customer_paths"].update(
+        {"cust-3": ["/srv/cust-3"]})) != unchanged
+    assert key(lambda d: replica(d).update(data_dir="/srv/mysql")) != unchanged

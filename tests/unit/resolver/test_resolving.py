@@ -28,19 +28,23 @@ from shared.envelope import Envelope
 from shared.inbox_outbox import outbox_table
 from shared.runtime import deliver, deliver_failure, open_database
 from shared.settings import Settings
-from tests.unit.resolver.documents import INVENTORY, example_document
+from tests.unit.resolver.documents import example_document, inventory_for
+
+CUSTOMERS = ("cust-a", "cust-b", "cust-c")  # besides cust-1042, each with its own old site
 
 
 class Site:
-    """The resolver's handler on a SQLite database of its own."""
+    """The resolver's handler on a SQLite database of its own, and an inventory in which
+    the example's customer and each of CUSTOMERS own their old entities."""
 
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
-        self.settings = Settings(state_dir=tmp_path, inventory=str(INVENTORY), **settings)
+        inventory = inventory_for(CUSTOMERS, tmp_path / "inventory.yaml")
+        self.settings = Settings(state_dir=tmp_path, inventory=str(inventory), **settings)
         self.units = open_database(self.settings, RESOLVER_SCHEMA)
         self.engine: Engine = self.units.engine
         self.pools = Pools.from_settings(self.settings)
         seed_pools(self.engine, self.pools)
-        self.resolver = Resolver(Allocator(self.pools), FileInventory(INVENTORY))
+        self.resolver = Resolver(Allocator(self.pools), FileInventory(inventory))
 
     def handle(self, envelope: Envelope) -> bool:
         """Deliver as the runtime does; False when the inbox had seen the message."""
@@ -261,13 +265,16 @@ def test_exhausted_vlan_range_and_internal_subnet_name_their_pool(tmp_path: Path
     assert site.events("m-a")[0]["payload"]["reason"] == (
         "internal subnet 10.128.3.32/29 of VLAN 100 exhausted: 6 needed, 5 free")
     # When another customer takes the only VLAN with a smaller migration, and a third comes
-    small = example_document("cust-b")
-    small["environments"][1]["vms"] = []
-    small["vms"] = small["vms"][:4]
-    small["database_groups"], small["migration"]["databases"] = [], []
-    site.handle(submitted(small, "m-b"))
+    def small(customer: str) -> dict[str, Any]:
+        document = example_document(customer)
+        document["environments"][1]["vms"] = []
+        document["vms"] = document["vms"][:4]
+        document["database_groups"], document["migration"]["databases"] = [], []
+        return document
+
+    site.handle(submitted(small("cust-b"), "m-b"))
     assert resolved_payload(site, "m-b")["allocations"]["vlan"]["id"] == 100
-    site.handle(submitted(small | {"customer": {"id": "cust-c", "name": "C"}}, "m-c"))
+    site.handle(submitted(small("cust-c"), "m-c"))
     # Then the VLAN range is the pool that ran out, and the failures hold nothing
     assert site.events("m-c")[0]["payload"]["reason"] == (
         "VLAN range 100 exhausted: 1 needed, 0 free")
