@@ -96,9 +96,10 @@ class Settings(BaseSettings):
     # server's root archive is reused: for the other customers on that server, while it is
     # younger than archive_reuse_seconds (every other kind is archived afresh per request).
     # An archive's staging file is deleted once every request for it was transferred and
-    # verified and it is past that age (other kinds: at once), every staging_gc_seconds.
+    # verified and it is past that age (other kinds: at once), every staging_gc_seconds
+    # (0: only when `ferry archives gc` is run).
     archive_reuse_seconds: float = Field(default=86400.0, ge=0)
-    staging_gc_seconds: float = Field(default=60.0, gt=0)
+    staging_gc_seconds: float = Field(default=60.0, ge=0)
     # Before an archive starts, staging must have its source's used bytes times this margin
     # free, plus what the archives running there still expect; else the job waits (no
     # attempt spent) and looks again after staging_wait_seconds. 1.1: compressed output is

@@ -48,9 +48,10 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
 
     mounts = Periodic("archiver-nbd-reconcile", settings.reconcile_seconds,  # then every so often
                       lambda: reconcile_mounts(run_dir(settings)))
-    # staging files transferred, verified and past their reuse age: deleted
-    collector = Periodic("archiver-staging-gc", settings.staging_gc_seconds,
-                         lambda: collect(units.engine, settings, datacenter=dc))
+    loops = [mounts]
+    if settings.staging_gc_seconds:  # staging files transferred, verified, past their age
+        loops.append(Periodic("archiver-staging-gc", settings.staging_gc_seconds,
+                              lambda: collect(units.engine, settings, datacenter=dc)))
     return Service(NAME, settings, units, QueueSpec(name, routing_keys(HANDLERS, dc)), HANDLERS,
-                   deps=settings, on_failure=ON_FAILURE, workers=[worker],
-                   loops=[mounts, collector], on_start=[sweep])
+                   deps=settings, on_failure=ON_FAILURE, workers=[worker], loops=loops,
+                   on_start=[sweep])

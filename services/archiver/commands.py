@@ -31,11 +31,17 @@ def drop_archive(engine: Engine, archive_id: str, *, force: bool = False) -> lis
     key's next request archives afresh); what it freed. Raises DropRefusedError while it is
     pending or running, or while a request it answered waits for its transfer (unless
     `force`), KeyError for an archive that does not exist."""
-    j, r = archive_jobs, archive_requests
+    j, r, k = archive_jobs, archive_requests, archive_keys
     with engine.begin() as connection:
-        job = connection.execute(select(j).where(j.c.id == archive_id).with_for_update()).first()
-        if job is None:
+        known = connection.execute(select(j.c.datacenter, j.c.reuse_key)
+                                   .where(j.c.id == archive_id)).first()
+        if known is None:
             raise KeyError(archive_id)
+        # the key's row first, then the job's: the order a request being recorded takes them
+        connection.execute(select(k.c.archive_id).where(
+            k.c.datacenter == known.datacenter, k.c.reuse_key == known.reuse_key)
+            .with_for_update()).first()
+        job = connection.execute(select(j).where(j.c.id == archive_id).with_for_update()).one()
         if job.state in (PENDING, RUNNING):
             raise DropRefusedError(f"archive {archive_id} ({job.source_label}) is {job.state}: "
                                    f"nothing dropped; drop it once it finished")
@@ -51,7 +57,7 @@ def drop_archive(engine: Engine, archive_id: str, *, force: bool = False) -> lis
         now = time.time()
         connection.execute(update(j).where(j.c.id == archive_id).values(
             dropped_at=job.dropped_at or now, removed_at=job.removed_at or now, updated_at=now))
-        connection.execute(update(archive_keys).where(archive_keys.c.archive_id == archive_id)
+        connection.execute(update(k).where(k.c.archive_id == archive_id)
                            .values(archive_id=None, updated_at=now))
     return freed
 

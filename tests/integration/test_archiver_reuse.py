@@ -148,7 +148,7 @@ def test_second_migration_of_changed_sources_ships_the_changed_data_but_a_root_w
     settings = archiver_settings(
         tmp_path, sshd, rabbit_url, make_pg_database(), transfer_database_url=make_pg_database(),
         # no gc while it runs: a staging file kept is what reuse would have answered from
-        destination=str(destination), staging_gc_seconds=3600)
+        destination=str(destination), staging_gc_seconds=0)
     archiver = start(archiver_bootstrap(settings, datacenter=DC), services)
     start(transfer_bootstrap(settings), services)
     engine = archiver.engine
@@ -252,7 +252,7 @@ def test_gc_frees_exactly_the_transferred_expired_files(
         directory.mkdir()
         (directory / "file").write_bytes(os.urandom(64 << 10))
     settings = archiver_settings(tmp_path, sshd, rabbit_url, pg_url,
-                                 staging_gc_seconds=3600)  # only the operator's gc, here
+                                 staging_gc_seconds=0)  # only the operator's gc, here
     engine = start(archiver_bootstrap(settings, datacenter=DC), services).engine
     host = address(sshd)
     # Given two shared filesystems' archives and a server root's, which a second customer
