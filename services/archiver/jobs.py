@@ -182,8 +182,9 @@ class Archiver:
             writer.abort()
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
                 raise StagingFullError(f"staging {self.staging} filled up while archive "
-                                       f"{lease.job_id} was written ({writer.raw_bytes} raw "
-                                       f"bytes in); its partial file is removed") from error
+                                       f"{lease.job_id} was written ({error.strerror}, "
+                                       f"{writer.raw_bytes} raw bytes in); its partial file "
+                                       f"is removed") from error
             raise
         if result.exited == TAR_CHANGED:
             lines = [line for line in result.stderr_tail.splitlines() if line.strip()]

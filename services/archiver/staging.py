@@ -177,9 +177,18 @@ def collect(engine: Engine, settings: Settings, *, datacenter: str | None = None
     freed. Only archives whose staging directory is on this host: the files of another
     host's staging are left to its archiver."""
     now = time.time() if now is None else now
-    t = archive_jobs
-    query = select(t.c.id).where(t.c.state == DONE, t.c.removed_at.is_(None),
-                                 t.c.file_path.is_not(None)).order_by(t.c.finished_at)
+    t, r, k = archive_jobs, archive_requests, archive_keys
+    untransferred = select(r.c.archive_id).where(
+        r.c.archive_id.is_not(None),
+        (r.c.state == WAITING) | ((r.c.state == COMPLETED) & r.c.transferred_at.is_(None)))
+    current = select(k.c.archive_id).where(k.c.archive_id.is_not(None))
+    # what past_reuse and all_transferred will say yes to, so only those are locked below
+    query = select(t.c.id).where(
+        t.c.state == DONE, t.c.removed_at.is_(None), t.c.file_path.is_not(None),
+        t.c.id.not_in(untransferred),
+        (t.c.kind != SERVER_ROOT) | t.c.dropped_at.is_not(None)
+        | (t.c.finished_at < now - settings.archive_reuse_seconds) | t.c.id.not_in(current),
+    ).order_by(t.c.finished_at)
     if datacenter is not None:
         query = query.where(t.c.datacenter == datacenter)
     with engine.connect() as connection:

@@ -15,12 +15,17 @@ from sqlalchemy import Engine, select, update
 from ferry.cli import main
 from services.archiver import SCHEMA as ARCHIVER_SCHEMA
 from services.archiver.handlers import note_transferred, record_archive_request
+from services.archiver.jobs import Archiver
+from services.archiver.sources import SourceCommand
 from services.archiver.staging import StagingTooSmallError, reserve
 from services.archiver.tables import archive_jobs, archive_requests
+from shared.addresses import host_pool
 from shared.contracts import ArchiveRequested, ArchiveSource, TransferCompleted
 from shared.envelope import Envelope
+from shared.hosts import LocalExecutor
 from shared.inbox_outbox import Units
-from shared.jobs import Lease, Leases, RetryIn
+from shared.jobs import JobWorker, Lease, Leases, RetryIn
+from shared.retry import RetryPolicy
 from shared.runtime import deliver, open_database
 from shared.settings import Settings
 
@@ -226,3 +231,24 @@ def test_transfer_completed_for_another_archive_or_an_unknown_request_changes_no
     with units.engine.connect() as connection:
         [row] = connection.execute(select(archive_requests))
     assert row.transferred_at is not None
+
+
+def test_what_the_source_command_left_out_is_recorded_with_the_archive(
+    units: Units, tmp_path: Path,
+) -> None:
+    settings = Settings(staging_dir=tmp_path / "staging")
+    lease = claimed(units, "a", "w1")
+    archiver = Archiver(settings, units.engine, "ey04", host_pool(settings))
+    archiver.staging.mkdir(parents=True)
+    # Given a source command that leaves a scrub list out
+    command = SourceCommand(["printf", "data"], (0,), "tar",
+                            excluded=("/home", "/root/.bash_history"))
+    # When its archive is made and recorded as the worker records it
+    archive = archiver._stream(lease, LocalExecutor(), command, [])
+    worker = JobWorker(lease.leases, archiver.run, units=units,
+                       policy=RetryPolicy.from_settings(settings), name="test")
+    worker.settle(lease, archiver._done(lease, archive, time.time(), [], None))
+    # Then the archive's row lists what was left out, and counts on no staging space now
+    [job] = [j for j in jobs(units.engine) if j.id == lease.job_id]
+    assert job.state == "done" and job.excluded == ["/home", "/root/.bash_history"]
+    assert job.staging_reserved is None and Path(job.file_path).is_file()
