@@ -87,7 +87,9 @@ def _row(job: Any, requests: int) -> list[str]:
     took = (job.finished_at or time.time()) - job.started_at if job.started_at else None
     progress = (_size(job.raw_bytes) if job.raw_bytes is not None
                 else _size(job.bytes_done) + " so far" if job.state == "running" else "")
-    return [job.id, job.datacenter, job.kind, job.state, job.source_label, progress,
+    state = (f"{job.state}, dropped" if job.dropped_at is not None
+             else f"{job.state}, freed" if job.removed_at is not None else job.state)
+    return [job.id, job.datacenter, job.kind, state, job.source_label, progress,
             _size(job.compressed_bytes), "" if took is None else f"{took:.0f}s",
             str(requests), str(job.attempts),
             "; ".join(job.warnings or []) or (job.error or "")[-200:]]

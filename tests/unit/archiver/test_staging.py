@@ -178,6 +178,8 @@ def test_drop_refuses_an_archive_being_made_or_waiting_for_its_transfer(
     assert f"freed {archive} (100 bytes, archive {request.archive_id})" in out
     assert "2 file(s), 109 bytes freed" in out and not archive.exists()
     assert not manifest.exists()
+    assert main(["archives", "list"]) == 0
+    assert "done, dropped" in capsys.readouterr().out
     again = ask(units, "r2", **ROOT)
     assert again.archive_id != request.archive_id and not again.reused
     assert main(["archives", "drop", "no-such-archive"]) == 1
