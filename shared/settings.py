@@ -92,6 +92,21 @@ class Settings(BaseSettings):
     # 0: every core of the archiver host; 1: zstd compresses in the streaming thread itself
     compression_threads: int = Field(default=0, ge=0)
     archive_progress_seconds: float = Field(default=5.0, gt=0)
+    # Archiver reuse and staging retention (issue 13 part 3). Only a shared database
+    # server's root archive is reused: for the other customers on that server, while it is
+    # younger than archive_reuse_seconds (every other kind is archived afresh per request).
+    # An archive's staging file is deleted once every request for it was transferred and
+    # verified and it is past that age (other kinds: at once), every staging_gc_seconds
+    # (0: only when `ferry archives gc` is run).
+    archive_reuse_seconds: float = Field(default=86400.0, ge=0)
+    staging_gc_seconds: float = Field(default=60.0, ge=0)
+    # Before an archive starts, staging must have its source's used bytes times this margin
+    # free, plus what the archives running there still expect; else the job waits (no
+    # attempt spent) and looks again after staging_wait_seconds. 1.1: compressed output is
+    # usually far smaller, but already compressed data (media, backups) barely shrinks, and
+    # the source may have grown since the inventory counted it.
+    staging_space_margin: float = Field(default=1.1, gt=0)
+    staging_wait_seconds: float = Field(default=30.0, gt=0)
     # How mysqldump / pg_dump on the replica connect (None: the client's defaults there).
     source_db_user: str | None = None
     source_db_host: str | None = None

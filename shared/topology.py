@@ -82,6 +82,10 @@ def queue_name(service: str, datacenter: str | None = None) -> str:
 # Events whose consumer queue exists per datacenter: a datacenter whose archivers have not
 # started yet must still keep them, so publishers declare that queue too (see standing_queue).
 DATACENTER_QUEUES = {"archive.requested": "archiver", "snapshot.ready": "archiver"}
+# What those queues are bound to besides: events not routed by datacenter, which every
+# datacenter's archiver hears. Declared with the queue, so `ferry broker setup` binds them
+# for archivers whose own broker user may not.
+DATACENTER_QUEUES_ALSO = {"archiver": ("snapshot.released", "transfer.completed")}
 
 
 def standing_queue(routing_key: str) -> QueueSpec | None:
@@ -91,8 +95,8 @@ def standing_queue(routing_key: str) -> QueueSpec | None:
     if service is None or not datacenter:
         return None
     return QueueSpec(queue_name(service, datacenter),
-                     tuple(f"{t}.{datacenter}" for t, s in DATACENTER_QUEUES.items()
-                           if s == service))
+                     (*(f"{t}.{datacenter}" for t, s in DATACENTER_QUEUES.items()
+                        if s == service), *DATACENTER_QUEUES_ALSO.get(service, ())))
 
 
 # Every fixed work queue and what it is bound to. Every service declares all of them at start

@@ -9,6 +9,7 @@ from services.archiver import SCHEMA
 from services.archiver.handlers import HANDLERS, ON_FAILURE
 from services.archiver.jobs import Archiver
 from services.archiver.snapshots import reconcile_mounts, run_dir
+from services.archiver.staging import collect
 from services.archiver.tables import archive_jobs
 from shared.addresses import host_pool
 from shared.hosts import HostPool
@@ -47,5 +48,10 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
 
     mounts = Periodic("archiver-nbd-reconcile", settings.reconcile_seconds,  # then every so often
                       lambda: reconcile_mounts(run_dir(settings)))
+    loops = [mounts]
+    if settings.staging_gc_seconds:  # staging files transferred, verified, past their age
+        loops.append(Periodic("archiver-staging-gc", settings.staging_gc_seconds,
+                              lambda: collect(units.engine, settings, datacenter=dc)))
     return Service(NAME, settings, units, QueueSpec(name, routing_keys(HANDLERS, dc)), HANDLERS,
-                   on_failure=ON_FAILURE, workers=[worker], loops=[mounts], on_start=[sweep])
+                   deps=settings, on_failure=ON_FAILURE, workers=[worker], loops=loops,
+                   on_start=[sweep])

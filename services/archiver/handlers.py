@@ -1,28 +1,53 @@
 """The archiver service's handlers: plain functions, registered by event type at the bottom.
 
-They only record: a request row and, for a reuse key not seen before in this datacenter, an
-archive job the workers (jobs.py) pick up. A key whose archive is done is answered at once.
+They only record: a request row and, unless the request joins its reuse key's current
+archive, a new archive job the workers (jobs.py) pick up. A request joins an archive that is
+not finished yet (concurrent requests coalesce into one run, whatever the kind); a finished
+one only when it is a shared database server's root within `archive_reuse_seconds`, not
+dropped, its file still in staging, and then it is answered at once. Every other request
+archives afresh: a second migration never gets the first one's (stale) copy.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, Row, select, update
 
 from services.archiver.records import completed_event, payload_snapshot
 from services.archiver.sources import ArchiveOrder, SnapshotExport, validate_order
-from services.archiver.tables import COMPLETED, FAILED, WAITING, archive_jobs, archive_requests
-from shared.contracts import ArchiveFailed, ArchiveRequested, SnapshotReady, SnapshotReleased
+from services.archiver.staging import SERVER_ROOT
+from services.archiver.tables import (
+    COMPLETED,
+    FAILED,
+    WAITING,
+    archive_jobs,
+    archive_keys,
+    archive_requests,
+)
+from shared.contracts import (
+    ArchiveFailed,
+    ArchiveRequested,
+    SnapshotReady,
+    SnapshotReleased,
+    TransferCompleted,
+)
 from shared.db import insert_ignoring_conflicts
 from shared.errors import PermanentError
 from shared.jobs import DONE, PENDING, RUNNING, new_job_values, rearm_values
 from shared.jobs import FAILED as JOB_FAILED
 from shared.runtime import Context, Handler
+from shared.settings import Settings
 
-Ctx = Context[None]  # the archiver's handlers need nothing besides their unit of work
+log = logging.getLogger(__name__)
+
+# The handlers' dependency: the service's settings (the reuse age)
+Ctx = Context[Settings | None]
+DEFAULT_REUSE_SECONDS = float(Settings.model_fields["archive_reuse_seconds"].default)
 
 
 class ReuseKeyConflictError(PermanentError):
@@ -54,21 +79,25 @@ def _record(order: ArchiveOrder, request_id: str, reuse_key: str, datacenter: st
         if known.archive_id is not None and order.snapshot is not None:
             _take_new_snapshot(connection, known.archive_id, order)
         return  # the same request sent again under a new message id
-    new_id = uuid.uuid4().hex
-    insert_ignoring_conflicts(connection, archive_jobs, new_job_values(
-        new_id, ctx.migration_id, order.kind, order.model_dump(mode="json"),
-        **_source_columns(order, datacenter, reuse_key)))
-    # Locked until commit: the worker completing this job waits for us (or we for it), so
-    # a request recorded as waiting is always seen by the completing transaction.
-    job = connection.execute(
-        select(archive_jobs).where(archive_jobs.c.datacenter == datacenter,
-                                   archive_jobs.c.reuse_key == reuse_key)
-        .with_for_update()).one()
-    if job.kind != order.kind:
+    # Locked until commit: concurrent requests for the key wait here, so they join one job
+    key = _locked_key(connection, datacenter, reuse_key, order.kind)
+    if key.kind != order.kind:
         raise ReuseKeyConflictError(
-            f"reuse key {reuse_key!r} names a {job.kind} archive ({job.id}); request "
+            f"reuse key {reuse_key!r} names {key.kind} archives ({key.archive_id}); request "
             f"{request_id} asks for a {order.kind} archive under the same key")
-    created = job.id == new_id
+    # ... and so is the job it joins: the worker completing it waits for us (or we for
+    # it), so a request recorded as waiting is always seen by the completing transaction
+    job = _joinable(connection, key, reuse_seconds(ctx))
+    created = job is None
+    if job is None:  # nothing to join: a new archive, the key's current one from now on
+        new_id = uuid.uuid4().hex
+        connection.execute(archive_jobs.insert().values(new_job_values(
+            new_id, ctx.migration_id, order.kind, order.model_dump(mode="json"),
+            **_source_columns(order, datacenter, reuse_key))))
+        connection.execute(update(archive_keys).where(
+            archive_keys.c.datacenter == datacenter, archive_keys.c.reuse_key == reuse_key)
+            .values(archive_id=new_id, updated_at=time.time()))
+        job = connection.execute(select(archive_jobs).where(archive_jobs.c.id == new_id)).one()
     restart = job.state == JOB_FAILED
     # a new snapshot for a job not started yet (the snapshotter made a larger one): use it
     newer = job.state == PENDING and order.snapshot is not None and not created
@@ -82,7 +111,8 @@ def _record(order: ArchiveOrder, request_id: str, reuse_key: str, datacenter: st
     values = {"archive_id": job.id, "migration_id": ctx.migration_id,
               "datacenter": datacenter, "kind": order.kind, "reuse_key": reuse_key,
               "state": state, "reused": not (created or restart),
-              "answered_at": time.time() if state == COMPLETED else None}
+              "answered_at": time.time() if state == COMPLETED else None,
+              "transferred_at": None}
     if known is None:
         connection.execute(archive_requests.insert().values(
             request_id=request_id, created_at=time.time(), **values))
@@ -92,6 +122,61 @@ def _record(order: ArchiveOrder, request_id: str, reuse_key: str, datacenter: st
                            .values(**values))
     if state == COMPLETED:
         ctx.emit(completed_event(job, request_id, reused=True))
+
+
+def reuse_seconds(ctx: Ctx) -> float:
+    """How long a server root's archive is reused (the service's settings; a test that
+    delivers without them gets the default)."""
+    return ctx.deps.archive_reuse_seconds if ctx.deps is not None else DEFAULT_REUSE_SECONDS
+
+
+def _locked_key(connection: Connection, datacenter: str, reuse_key: str,
+                kind: str) -> Row[Any]:
+    """The key's row, created if new (its kind fixed by this first request), locked until
+    the transaction ends."""
+    insert_ignoring_conflicts(connection, archive_keys, {
+        "datacenter": datacenter, "reuse_key": reuse_key, "kind": kind, "archive_id": None,
+        "updated_at": time.time()})
+    return connection.execute(select(archive_keys).where(
+        archive_keys.c.datacenter == datacenter, archive_keys.c.reuse_key == reuse_key)
+        .with_for_update()).one()
+
+
+def _joinable(connection: Connection, key: Row[Any], max_age: float) -> Row[Any] | None:
+    """The key's current job if a new request may join it, locked; None when the request
+    must archive afresh. A job not finished yet (or failed: it runs again) takes every
+    request; a finished one only when it is a server root within its age, not dropped, its
+    staging file still there (reusable)."""
+    if key.archive_id is None:
+        return None
+    job = connection.execute(select(archive_jobs).where(archive_jobs.c.id == key.archive_id)
+                             .with_for_update()).first()
+    if job is None:
+        return None
+    if job.state != DONE:
+        return job
+    why_not = not_reusable(job, time.time(), max_age)
+    if why_not:
+        log.info("archive %s (%s) not reused: %s; archiving afresh", job.id, key.reuse_key,
+                 why_not)
+        return None
+    return job
+
+
+def not_reusable(job: Row[Any], now: float, max_age: float) -> str:
+    """Why a finished archive may not answer a new request ("" when it may)."""
+    if job.kind != SERVER_ROOT:
+        return f"a {job.kind} archive is made afresh for every request"
+    if job.dropped_at is not None:
+        return "dropped"
+    if job.removed_at is not None:
+        return "its staging file was deleted"
+    age = now - float(job.finished_at or 0.0)
+    if age > max_age:
+        return f"{age:.0f} s old, reused up to {max_age:.0f} s"
+    if not Path(str(job.file_path)).is_file():
+        return f"its staging file {job.file_path} is gone"
+    return ""
 
 
 def _take_new_snapshot(connection: Connection, archive_id: str, order: ArchiveOrder) -> None:
@@ -143,6 +228,18 @@ def _source_columns(order: ArchiveOrder, datacenter: str, reuse_key: str) -> dic
             "source_host": order.source.host[:255], "source_path": order.location}
 
 
+def note_transferred(event: TransferCompleted, ctx: Ctx) -> None:
+    """The request's copy at the destination was verified: its staging file may go once the
+    archive's other requests are too and it is past its reuse age (staging.collect, run by
+    the archiver of the archive's datacenter, which alone has that staging). Not routed by
+    datacenter: every archiver's queue gets it; a request this database does not hold (or
+    that another archive answers now) changes nothing."""
+    r = archive_requests
+    ctx.connection.execute(update(r).where(
+        r.c.request_id == event.request_id, r.c.archive_id == event.archive_id,
+        r.c.transferred_at.is_(None)).values(transferred_at=time.time()))
+
+
 def fail_request(event: Any, ctx: Ctx, error: BaseException) -> None:
     """The bus gave up on a request (invalid source, conflict): answer it with archive.failed."""
     if not isinstance(event, ArchiveRequested | SnapshotReady):
@@ -163,5 +260,6 @@ HANDLERS: dict[str, Handler] = {
     ArchiveRequested.TYPE: record_archive_request,
     SnapshotReady.TYPE: record_snapshot_ready,
     SnapshotReleased.TYPE: note_snapshot_released,  # not datacenter-routed: bound plainly
+    TransferCompleted.TYPE: note_transferred,  # likewise
 }
 ON_FAILURE = fail_request

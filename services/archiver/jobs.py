@@ -9,9 +9,11 @@ a file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from services.archiver.sources import (
     snapshot_command,
     validate_order,
 )
+from services.archiver.staging import StagingFullError, reserve
 from services.archiver.tables import archive_jobs
 from shared.contracts import ArchiveProgress
 from shared.errors import UnexpectedExit
@@ -57,6 +60,13 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 WARNING_LINES = 20  # of tar's stderr kept as warnings
+
+
+@dataclass(frozen=True)
+class Streamed(ArchiveFile):
+    """A streamed archive, and what its source command left out on purpose."""
+
+    excluded: tuple[str, ...] = ()
 
 
 class Archiver:
@@ -98,6 +108,10 @@ class Archiver:
         self.staging.mkdir(parents=True, exist_ok=True)
         for leftover in remove_partials(self.staging, lease.job_id):
             log.info("%s: removed %s left by an earlier attempt", lease.job_id, leftover.name)
+        waiting = reserve(lease, self.staging, self.datacenter, order.source.used_bytes,
+                          self.settings)
+        if waiting is not None:  # staging too full for it yet: no attempt spent
+            return waiting
         started = time.time()
         with lease.units.engine.begin() as connection:
             lease.update(connection, started_at=started, bytes_done=0)
@@ -184,14 +198,20 @@ class Archiver:
             result = host.run(command.argv, sink=sink, ok_exits=command.ok_exits,
                               timeout=timeout)
             archive = writer.close()
-        except BaseException:
+        except BaseException as error:
             writer.abort()
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise StagingFullError(f"staging {self.staging} filled up while archive "
+                                       f"{lease.job_id} was written ({error.strerror}, "
+                                       f"{writer.raw_bytes} raw bytes in); its partial file "
+                                       f"is removed") from error
             raise
         if result.exited == TAR_CHANGED:
             lines = [line for line in result.stderr_tail.splitlines() if line.strip()]
             warnings.append(f"tar exited 1 (files changed while being read): "
                             f"{'; '.join(lines[-WARNING_LINES:]) or 'no message'}")
-        return ArchiveFile(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256)
+        return Streamed(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256,
+                        excluded=command.excluded)
 
     def _done(self, lease: Lease, archive: ArchiveFile, started: float, warnings: list[str],
               position: dict[str, Any] | None) -> Done:
@@ -214,6 +234,8 @@ class Archiver:
             "compressed_bytes": archive.compressed_bytes, "sha256": archive.sha256,
             "started_at": started, "finished_at": time.time(), "warnings": warnings,
             "replication_position": position, "bytes_done": archive.raw_bytes, "error": None,
+            "excluded": list(getattr(archive, "excluded", ())), "staging_reserved": None,
+            "reserved_for": None,
         }, record=record)
 
     def fail(self, lease: Lease, error: BaseException, uow: UnitOfWork) -> Failed | RetryIn:

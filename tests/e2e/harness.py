@@ -129,6 +129,8 @@ def pipeline_env(workdir: Path, inventory: Path, broker_url: str,
            "FERRY_TRANSFER_BACKOFF_SECONDS": "0.5", "FERRY_ARCHIVE_PROGRESS_SECONDS": "1",
            "FERRY_TRANSFER_PROGRESS_SECONDS": "1", "FERRY_RECONCILE_SECONDS": "5",
            "FERRY_SHARED_FS_MOUNT_CHECK": "false",  # the demo site's /data: a plain directory
+           # no staging gc: the runs check what staging holds after (no partial left)
+           "FERRY_STAGING_GC_SECONDS": "0",
            "PYTHONPATH": str(ROOT)}
     for service, url in database_urls.items():
         env[f"FERRY_{service.upper()}_DATABASE_URL"] = url

@@ -1,4 +1,5 @@
-"""Archive requests recorded on the embedded database: one archive per reuse key."""
+"""Archive requests recorded on the embedded database: requests for a key join its archive
+while it is being made; once finished, only a server root's is reused (within its age)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from services.archiver.handlers import (
     record_archive_request,
     record_snapshot_ready,
 )
+from services.archiver.records import completed_event
 from services.archiver.sources import SourceInvalidError
 from services.archiver.tables import archive_jobs, archive_requests
 from shared.contracts import ArchiveRequested, ArchiveSource, SnapshotReady
@@ -79,14 +81,23 @@ def test_requests_for_one_key_share_one_pending_archive_job(engine: Engine) -> N
     assert events(engine) == []
 
 
-def test_request_for_a_finished_archive_is_answered_at_once(engine: Engine) -> None:
-    handle(engine, *request("r1"))
+def finish(engine: Engine, path: Path, finished_at: float | None = None) -> None:
+    """The (one) job done, its file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"archive")
     with engine.begin() as connection:
         connection.execute(update(archive_jobs).values(
-            state="done", file_path="/staging/ey04/a.tar.zst", raw_bytes=10, compressed_bytes=5,
-            sha256="a" * 64, started_at=time.time() - 5, finished_at=time.time(), warnings=[]))
-    # When another migration asks for the same key
-    event, envelope = request("r2")
+            state="done", file_path=str(path), raw_bytes=10, compressed_bytes=5,
+            sha256="a" * 64, started_at=time.time() - 5,
+            finished_at=time.time() if finished_at is None else finished_at, warnings=[]))
+
+
+def test_request_for_a_finished_server_root_is_answered_at_once(engine: Engine,
+                                                                tmp_path: Path) -> None:
+    handle(engine, *request("r1", key="root:db1", kind="db_server_root", path="/"))
+    finish(engine, tmp_path / "ey04" / "a.tar.zst")
+    # When another customer on that server asks for its root within the reuse age
+    event, envelope = request("r2", key="root:db1", kind="db_server_root", path="/")
     handle(engine, event, envelope)
     # Then archive.completed goes out for it in the same transaction, marked reused
     [completed] = events(engine)
@@ -95,6 +106,43 @@ def test_request_for_a_finished_archive_is_answered_at_once(engine: Engine) -> N
     assert completed["payload"]["file_name"] == "a.tar.zst"
     assert completed["causation_id"] == str(envelope.id)
     assert len(rows(engine, archive_jobs)) == 1
+
+
+@pytest.mark.parametrize("kind, source", [
+    ("shared_fs", {"path": "/data"}), ("database", {"database": "shop", "engine": "mysql"})])
+def test_request_for_a_finished_archive_of_another_kind_archives_afresh(
+    engine: Engine, tmp_path: Path, kind: str, source: dict[str, Any],
+) -> None:
+    handle(engine, *request("r1", key="k", kind=kind, **source))
+    finish(engine, tmp_path / "ey04" / "a.tar.zst")
+    # When a second migration asks for the same source after its archive finished
+    handle(engine, *request("r2", key="k", kind=kind, **source))
+    # Then a new job archives it again: nothing is answered from the old copy
+    assert events(engine) == []
+    first, second = sorted(rows(engine, archive_jobs), key=lambda j: j.created_at)
+    assert (first.state, second.state) == ("done", "pending")
+    answers = {r.request_id: (r.archive_id, r.state, r.reused)
+               for r in rows(engine, archive_requests)}
+    assert answers == {"r1": (first.id, "waiting", False), "r2": (second.id, "waiting", False)}
+
+
+@pytest.mark.parametrize("why", ["too old", "file gone", "dropped"])
+def test_a_server_root_not_reusable_any_more_is_archived_afresh(
+    engine: Engine, tmp_path: Path, why: str,
+) -> None:
+    root = {"key": "root:db1", "kind": "db_server_root", "path": "/"}
+    handle(engine, *request("r1", **root))
+    archive = tmp_path / "ey04" / "a.tar.zst"
+    # a day and a second ago: past the default age of 24 h
+    finish(engine, archive, finished_at=time.time() - 86401 if why == "too old" else None)
+    if why == "file gone":
+        archive.unlink()
+    if why == "dropped":
+        with engine.begin() as connection:
+            connection.execute(update(archive_jobs).values(dropped_at=time.time()))
+    handle(engine, *request("r2", **root))
+    assert events(engine) == []
+    assert sorted(j.state for j in rows(engine, archive_jobs)) == ["done", "pending"]
 
 
 def test_redelivered_and_resent_requests_have_one_effect(engine: Engine) -> None:
@@ -135,7 +183,7 @@ def test_invalid_source_writes_nothing_and_failure_hook_answers_once(engine: Eng
 
 def test_one_key_for_two_kinds_is_refused(engine: Engine) -> None:
     handle(engine, *request("r1", key="k"))
-    with pytest.raises(ReuseKeyConflictError, match="names a shared_fs archive"):
+    with pytest.raises(ReuseKeyConflictError, match="names shared_fs archives"):
         handle(engine, *request("r2", key="k", kind="db_server_root"))
 
 
@@ -194,9 +242,6 @@ def test_answers_for_a_local_fs_archive_name_the_snapshot_it_read(engine: Engine
         connection.execute(update(archive_jobs).values(
             state="done", file_path="/s/ey04/a.tar.zst", raw_bytes=1, compressed_bytes=1,
             sha256="b" * 64, started_at=1.0, finished_at=2.0, warnings=[]))
-    event, _ = snapshot_ready("ferry-j1-1")
-    other = event.model_copy(update={"request_id": "r10"})
-    ready(engine, other, Envelope.wrap(other, migration_id="m-10"))
+        job = connection.execute(select(archive_jobs)).one()
 
-    [completed] = events(engine)
-    assert completed["payload"]["snapshot_id"] == "ferry-j1-1"
+    assert completed_event(job, "r9", reused=False).snapshot_id == "ferry-j1-1"

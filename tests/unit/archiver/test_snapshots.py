@@ -156,7 +156,8 @@ def test_archiver_binds_snapshot_released_plainly_and_its_datacenter_events(
 ) -> None:
     service = bootstrap(settings, datacenter="ey04")
     assert set(service.queue.routing_keys) == {
-        "archive.requested.ey04", "snapshot.ready.ey04", "snapshot.released"}
+        "archive.requested.ey04", "snapshot.ready.ey04", "snapshot.released",
+        "transfer.completed"}
     service.engine.dispose()
 
 
