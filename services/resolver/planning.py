@@ -14,9 +14,9 @@ the migration is refused naming each of them and its owner, before anything is p
 before anything is allocated or snapshotted). A database server the hosting company shares
 among customers (`customer: shared`) is the one thing every customer may name; each
 database on it still has one owner. An old public IP the inventory does not list is refused
-like an unknown VM: the cutover moves that address to the new site, so an address nobody is
-known to own is never taken on a document's word (an HTTP inventory must serve
-`public-ips`).
+like an unknown VM: the resolved document maps that address to a new one (what the
+switch-over re-points), so an address nobody is known to own is never taken on a
+document's word (an HTTP inventory must serve `public-ips`).
 Every request id is `<migration>:<kind>:<n>`, so a replayed migration plans the same ids.
 Reuse keys (the archiver coalesces requests with one key into one archive): a shared
 server's root is `db_server_root:<datacenter>:<server>:<root>:scrub-<digest of what it
