@@ -22,6 +22,7 @@ OLD_ENV = "ey04-e00075"
 MASTER, REPLICA = "mysql-mega-2-master", "mysql-mega-2-replica"
 ROWS = {"small": 20_000, "medium": 200_000}
 CUSTOMER = "cust-demo"  # the document's customer, the owner of every old entity it moves
+OLD_IP = "203.0.113.10"  # the app VMs' old public IP (ports 443 and 80), the customer's
 
 
 @dataclass
@@ -173,6 +174,11 @@ def inventory(site: DemoSite) -> dict[str, Any]:
                       "root": str(site.root(REPLICA)),
                       "pause_replication": False},
         },
+        "public_ips": {OLD_IP: {
+            "datacenter": DATACENTER, "customer": CUSTOMER,
+            "port_mappings": [{"protocol": "tcp", "external_port": port,
+                               "internal_port": port, "vms": list(vms)}
+                              for port in (443, 80)]}},
     }
 
 
@@ -207,7 +213,7 @@ def document(site: DemoSite) -> dict[str, Any]:
         "migration": {
             "shared_filesystems": [{"old_environment": OLD_ENV, "mountpoint": "/data",
                                     "new_environment": "env_1"}],
-            "ip_equivalences": [{"old_ip": "203.0.113.10", "new_public_ip": "ip_1"}],
+            "ip_equivalences": [{"old_ip": OLD_IP, "new_public_ip": "ip_1"}],
             "databases": databases,
             "local_filesystems": [{"old_vm": old_vm(i), "new_vm": duid}
                                   for i, duid in enumerate(apps)],

@@ -37,6 +37,8 @@ from services.resolver.inventory_model import (
     InventoryModel,
     LocalFilesystem,
     M,
+    PortMapping,
+    PublicIp,
     SharedFilesystem,
     UnknownEntityError,
     Vm,
@@ -65,6 +67,8 @@ __all__ = [
     "LocalFilesystem",
     "M",
     "open_inventory",
+    "PortMapping",
+    "PublicIp",
     "reference_problems",
     "SHARED",
     "SharedFilesystem",
@@ -147,8 +151,8 @@ def open_inventory(settings: Settings) -> Inventory:
 def reference_problems(document: InventoryDocument) -> list[str]:
     """Names an inventory uses but does not define, servers that disagree about who
     replicates whom, and entities that name another customer's (an environment's VMs, the
-    VMs a shared filesystem is mounted on, a replica and its master): what `ferry inventory
-    check` reports for a file."""
+    VMs a shared filesystem is mounted on, a replica and its master, the VMs behind a public
+    IP): what `ferry inventory check` reports for a file."""
     problems: list[str] = []
 
     def need(kind: str, known: dict[str, Any], name: str | None, used_by: str) -> None:
@@ -187,4 +191,14 @@ def reference_problems(document: InventoryDocument) -> list[str]:
         if server.master in servers and servers[server.master].customer != server.customer:
             problems.append(f"replica {name!r} belongs to {server.customer!r}, its master "
                             f"{server.master!r} to {servers[server.master].customer!r}")
+    for address, ip in document.public_ips.items():
+        used_by = f"public IP {address!r}"
+        need("datacenter", document.datacenters, ip.datacenter, used_by)
+        for vm_name in ip.backing_vms:
+            need("VM", document.vms, vm_name, used_by)
+            same_owner(used_by, ip.customer, vm_name)
+            backing = document.vms.get(vm_name)
+            if backing is not None and backing.datacenter != ip.datacenter:
+                problems.append(f"{used_by} in datacenter {ip.datacenter!r} forwards to VM "
+                                f"{vm_name!r} in {backing.datacenter!r}")
     return problems

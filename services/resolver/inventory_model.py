@@ -3,14 +3,17 @@
 `services.resolver.inventory` chooses the adapter (a file, or HTTP in
 `services.resolver.inventory_http`); both check what they read against these models. The
 schema is documented in docs/inventory-api.md and shown in examples/inventory.yaml.
-Every VM, environment, shared filesystem, database and database server names its owner
-(`customer`); a database server the hosting company shares among customers is owned by
-SHARED, and each database on it by one customer.
+Every VM, environment, shared filesystem, database, database server and public IP names its
+owner (`customer`); a database server the hosting company shares among customers is owned
+by SHARED, and each database on it by one customer. A public IP is keyed by its address in
+one spelling (the document's `old_ip` is written the same way), and carries the port
+mappings to its backing VMs in the document's own shape, with old VM names.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+import ipaddress
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -18,11 +21,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from shared.addresses import parse_address
-from shared.document import HostName, Mountpoint
+from shared.document import HostName, Mountpoint, Port, PublicAddress
 from shared.errors import ConfigurationError, PermanentError
 
 
@@ -141,6 +145,42 @@ class DatabaseServer(InventoryModel):
         return self
 
 
+class PortMapping(InventoryModel):
+    """A port of a public IP forwarded to the old VMs behind it: the document's port mapping
+    (`public_ips[].port_mappings[]`), with old VM names where it has new VM duids, so a
+    drafted document maps the same port to the new VMs that replace these."""
+
+    protocol: Literal["tcp", "udp"]
+    external_port: Port
+    internal_port: Port
+    vms: tuple[HostName, ...] = Field(min_length=1)  # its backing VMs, in order
+
+
+class PublicIp(InventoryModel):
+    """An old public IP (keyed by its address): whose it is, where, and what it forwards.
+    A document's `migration.ip_equivalences[].old_ip` may name only its customer's."""
+
+    datacenter: DatacenterName
+    customer: CustomerId  # never SHARED: an address is one customer's
+    port_mappings: tuple[PortMapping, ...] = ()
+
+    @model_validator(mode="after")
+    def _each_port_once(self) -> PublicIp:
+        seen: set[tuple[str, int]] = set()
+        for mapping in self.port_mappings:
+            key = (mapping.protocol, mapping.external_port)
+            if key in seen:
+                raise ValueError(f"{mapping.protocol} port {mapping.external_port} is mapped "
+                                 "twice")
+            seen.add(key)
+        return self
+
+    @property
+    def backing_vms(self) -> tuple[str, ...]:
+        """The old VMs behind it, each once, in the order its mappings name them."""
+        return tuple(dict.fromkeys(vm for mapping in self.port_mappings for vm in mapping.vms))
+
+
 class InventoryDocument(InventoryModel):
     """A whole inventory, as the file adapter reads it."""
 
@@ -149,6 +189,25 @@ class InventoryDocument(InventoryModel):
     vms: dict[HostName, Vm] = {}
     environments: dict[HostName, Environment] = {}
     database_servers: dict[HostName, DatabaseServer] = {}
+    # keyed by the address in one spelling (2001:DB8::0010 is read as 2001:db8::10)
+    public_ips: dict[PublicAddress, PublicIp] = {}
+
+    @field_validator("public_ips", mode="before")
+    @classmethod
+    def _each_address_once(cls, value: Any) -> Any:
+        # Two spellings of one address would silently become one entry (the later wins).
+        if isinstance(value, dict):
+            seen: dict[str, str] = {}
+            for key in value:
+                try:
+                    spelled = str(ipaddress.ip_address(key)) if isinstance(key, str) else key
+                except ValueError:
+                    continue  # the key's own validation says what is wrong with it
+                if spelled in seen:
+                    raise ValueError(f"public IP {key!r} is listed twice (also as "
+                                     f"{seen[spelled]!r})")
+                seen[spelled] = key
+        return value
 
 
 # What each lookup is called in messages, and its collection (file keys and URL paths).
@@ -158,6 +217,7 @@ KINDS: dict[type[InventoryModel], tuple[str, str, str]] = {
     Vm: ("old VM", "vms", "vms"),
     Environment: ("old environment", "environments", "environments"),
     DatabaseServer: ("database server", "database_servers", "database-servers"),
+    PublicIp: ("old public IP", "public_ips", "public-ips"),
 }
 M = TypeVar("M", bound=InventoryModel)
 
@@ -182,7 +242,7 @@ def validation_summary(error: ValidationError, limit: int = 3) -> str:
         message = item["msg"]
         if item["type"] == "missing" and item["loc"][-1:] == ("customer",):
             message = ("no owner: `customer` is required (on every VM, environment, shared "
-                       "filesystem, database and database server)")
+                       "filesystem, database, database server and public IP)")
         parts.append(f"{where}: {message}")
     more = f"; and {error.error_count() - limit} more" if error.error_count() > limit else ""
     return "; ".join(parts) + more

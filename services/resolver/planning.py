@@ -8,11 +8,15 @@
 - each old replica new database VMs start from → kind `db_server_root`, its root filesystem,
   with every customer's per-customer paths of that server left out.
 First, though, ownership: a document moves only what its customer owns. Every old VM,
-environment, shared filesystem, database and database server it names is looked up, and if
-any belongs to another customer the migration is refused naming each of them and its owner,
-before anything is planned (so before anything is allocated or snapshotted). A database
-server the hosting company shares among customers (`customer: shared`) is the one thing
-every customer may name; each database on it still has one owner.
+environment, shared filesystem, database, database server and old public IP
+(`ip_equivalences[].old_ip`) it names is looked up, and if any belongs to another customer
+the migration is refused naming each of them and its owner, before anything is planned (so
+before anything is allocated or snapshotted). A database server the hosting company shares
+among customers (`customer: shared`) is the one thing every customer may name; each
+database on it still has one owner. An old public IP the inventory does not list is refused
+like an unknown VM: the resolved document maps that address to a new one (what the
+switch-over re-points), so an address nobody is known to own is never taken on a
+document's word (an HTTP inventory must serve `public-ips`).
 Every request id is `<migration>:<kind>:<n>`, so a replayed migration plans the same ids.
 Reuse keys (the archiver coalesces requests with one key into one archive): a shared
 server's root is `db_server_root:<datacenter>:<server>:<root>:scrub-<digest of what it
@@ -37,6 +41,7 @@ from services.resolver.inventory import (
     Inventory,
     InventoryInvalidError,
     M,
+    PublicIp,
     UnknownEntityError,
     Vm,
     XenHost,
@@ -232,6 +237,13 @@ class _Planner:
                                 engine=replica.engine, label=f"{name}:{replica.root}",
                                 used_bytes=replica.root_used_bytes))
 
+    def public_ip(self, old_ip: str) -> None:
+        """An old public IP the document maps must be in the inventory (in a datacenter it
+        knows); nothing is archived for it."""
+        ip = self.look.get(PublicIp, old_ip, "an old IP moves only when the inventory says "
+                                            "whose it is")
+        self.look.datacenter(ip.datacenter, f"old public IP {old_ip!r}")
+
     def _fresh_key(self, kind: ArchiveKind, *what: str) -> str:
         """A key only this migration uses: no later migration reuses its archive."""
         return bounded_key(":".join((kind, self.migration_id, *what)))
@@ -266,6 +278,9 @@ def ownership_problems(document: MigrationDocument, look: _Lookups) -> list[str]
                 owned(f"database server {server_name!r}", server.customer)
             if (database := server.databases.get(move.name)) is not None:
                 owned(f"database {move.name!r} on {server_name!r}", database.customer)
+    for equivalence in moves.ip_equivalences:
+        if (ip := look.find(PublicIp, equivalence.old_ip)) is not None:
+            owned(f"old public IP {equivalence.old_ip!r}", ip.customer)
     return list(problems)
 
 
@@ -274,9 +289,9 @@ def plan_archives(document: MigrationDocument, inventory: Inventory,
     """Every archive `document` needs, in document order (local filesystems first).
 
     Raises NotOwnedError naming every old entity that is not the document's customer's (and
-    its owner), UnknownEntityError naming an old VM / environment / database / server the
-    inventory lacks, PlanningError or InventoryInvalidError when they contradict each other,
-    TransientError when the inventory cannot be reached.
+    its owner), UnknownEntityError naming an old VM / environment / database / server /
+    public IP the inventory lacks, PlanningError or InventoryInvalidError when they
+    contradict each other, TransientError when the inventory cannot be reached.
     """
     planner = _Planner(migration_id, inventory)
     if problems := ownership_problems(document, planner.look):
@@ -294,4 +309,6 @@ def plan_archives(document: MigrationDocument, inventory: Inventory,
             database, engines[database.new_database_group])
     for name, replica in replicas.items():
         planner.server_root(name, replica)
+    for equivalence in moves.ip_equivalences:
+        planner.public_ip(equivalence.old_ip)
     return Plan(tuple(planner.jobs), tuple(planner.snapshots), tuple(planner.archives))

@@ -32,7 +32,8 @@ from tests.support.helpers import wait_for
 from tests.support.processes import ChildProcess
 
 COLLECTIONS = {"datacenters": "datacenters", "xen-hosts": "xen_hosts", "vms": "vms",
-               "environments": "environments", "database-servers": "database_servers"}
+               "environments": "environments", "database-servers": "database_servers",
+               "public-ips": "public_ips"}
 
 
 class Inventory(ThreadingHTTPServer):

@@ -24,6 +24,7 @@ from services.resolver.inventory import (
     Environment,
     FileInventory,
     InventoryInvalidError,
+    PublicIp,
     UnknownEntityError,
     Vm,
     XenHost,
@@ -43,14 +44,16 @@ from tests.support.helpers import wait_for
 from tests.unit.resolver.documents import INVENTORY, example_document
 
 COLLECTIONS = {"datacenters": "datacenters", "xen-hosts": "xen_hosts", "vms": "vms",
-               "environments": "environments", "database-servers": "database_servers"}
+               "environments": "environments", "database-servers": "database_servers",
+               "public-ips": "public_ips"}
 TOKEN = "s3cret"
 
 
 def inventory_app(path: Path, state: dict[str, str]) -> FastAPI:
     """The documented API: GET /api/<collection>/<name>, bearer token, 404 when unknown.
     `state["mode"]` makes it misbehave: down (503), slow, garbage, wrong-shape, no-owner
-    (every entity without its `customer`)."""
+    (every entity without its `customer`), no-public-ips (an inventory that does not serve
+    that collection: 404 for every address)."""
     data = yaml.safe_load(path.read_text())
     app = FastAPI()
 
@@ -68,6 +71,8 @@ def inventory_app(path: Path, state: dict[str, str]) -> FastAPI:
             return PlainTextResponse("<html>proxy error</html>")
         if mode == "wrong-shape":
             return JSONResponse({"datacenter": "ey04", "ssh": "local"})
+        if mode == "no-public-ips" and collection == "public-ips":
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         found = data.get(COLLECTIONS.get(collection, ""), {}).get(name)
         if found is None:
             return JSONResponse({"detail": f"no {collection} named {name}"}, status_code=404)
@@ -138,7 +143,8 @@ def test_http_adapter_answers_what_the_file_says(http: HttpInventory) -> None:
     # Then every entity reads the same through both adapters
     kinds: list[tuple[type[Any], dict[str, Any]]] = [
         (Datacenter, document.datacenters), (XenHost, document.xen_hosts), (Vm, document.vms),
-        (Environment, document.environments), (DatabaseServer, document.database_servers)]
+        (Environment, document.environments), (DatabaseServer, document.database_servers),
+        (PublicIp, document.public_ips)]  # 2001:db8:20::77 travels percent-encoded
     for model, entities in kinds:
         for name in entities:
             assert http.lookup(model, name) == file.lookup(model, name)
@@ -150,6 +156,24 @@ def test_http_adapter_answers_what_the_file_says(http: HttpInventory) -> None:
 def test_404_for_a_vm_is_a_permanent_error_naming_it(http: HttpInventory) -> None:
     with pytest.raises(UnknownEntityError, match="old VM 'ey04-s59999' is not in the inventory"):
         http.lookup(Vm, "ey04-s59999")
+
+
+def test_inventory_that_does_not_serve_public_ips_refuses_every_old_ip(
+        server: InventoryServer, http: HttpInventory) -> None:
+    # Given an HTTP inventory without the public-ips collection (404 for every address)
+    server.state["mode"] = "no-public-ips"
+    parsed = validate_document(example_document())
+    # Then a document mapping an old IP is refused, naming it: an address nobody is known
+    # to own is never moved on the document's word
+    with pytest.raises(UnknownEntityError) as caught:
+        plan_archives(parsed, http, "m")
+    assert str(caught.value).startswith("old public IP '203.0.113.10' is not in the "
+                                        f"inventory ({server.url}: 404)")
+    # And (the control) one mapping no old IP plans, as does the same one once it is served
+    assert len(plan_archives(validate_document(example_document(public_ips=0)), http,
+                             "m").jobs) == 7
+    server.state["mode"] = "ok"
+    assert len(plan_archives(parsed, http, "m").jobs) == 7
 
 
 def test_unreachable_down_or_slow_inventory_is_transient(server: InventoryServer,
@@ -228,6 +252,7 @@ def test_resolver_retries_an_unreachable_inventory_then_resolves(
     (DatabaseServer, "mysql-mega-2-replica",
      "invalid database server 'mysql-mega-2-replica': databases.foobar_production.customer: "
      "no owner"),
+    (PublicIp, "203.0.113.10", "invalid old public IP '203.0.113.10': customer: no owner"),
 ])
 def test_entity_answered_without_an_owner_is_an_inventory_error_naming_it(
         server: InventoryServer, http: HttpInventory, model: type[Any], name: str,

@@ -1,6 +1,6 @@
 """Ownership on RabbitMQ + PostgreSQL: a document naming another customer's old VM,
-environment, shared filesystem or database is refused with migration.failed naming each
-and its owner, before anything is allocated, snapshotted or archived; the same document
+environment, shared filesystem, database or old public IP is refused with migration.failed
+naming each and its owner, before anything is allocated, snapshotted or archived; the same document
 resolves once the inventory says those are its customer's."""
 
 from __future__ import annotations

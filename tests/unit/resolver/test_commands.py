@@ -38,3 +38,17 @@ def test_check_fails_on_a_name_the_inventory_uses_but_lacks(
     assert main(["inventory", "check", str(path)]) == 1
     assert "VM 'ey04-s50002' names Xen host 'xen-ey04-99', which the inventory lacks" in (
         capsys.readouterr().out)
+
+
+def test_check_fails_on_a_public_ip_forwarding_to_another_customers_vm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given the example with one of the VMs behind cust-1042's old IP given to cust-2077
+    data = yaml.safe_load(INVENTORY.read_text())
+    data["vms"]["ey04-s50001"]["customer"] = "cust-2077"
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    # Then the check fails naming the address, the VM and both owners
+    assert main(["inventory", "check", str(path)]) == 1
+    assert ("public IP '203.0.113.10' of customer 'cust-1042' names VM 'ey04-s50001' of "
+            "customer 'cust-2077'") in capsys.readouterr().out

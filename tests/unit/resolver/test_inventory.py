@@ -17,6 +17,7 @@ from services.resolver.inventory import (
     Environment,
     FileInventory,
     InventoryInvalidError,
+    PublicIp,
     UnknownEntityError,
     Vm,
     XenHost,
@@ -26,7 +27,7 @@ from services.resolver.inventory import (
 from services.resolver.inventory_http import HttpInventory
 from shared.errors import ConfigurationError
 from shared.settings import Settings
-from tests.unit.resolver.documents import INVENTORY
+from tests.unit.resolver.documents import EXAMPLE, EXAMPLE_CUSTOMER, INVENTORY
 
 
 def test_example_inventory_describes_every_old_entity_of_the_example_document() -> None:
@@ -40,6 +41,27 @@ def test_example_inventory_describes_every_old_entity_of_the_example_document() 
     replica = inventory.lookup(DatabaseServer, "mysql-mega-2-replica")
     assert replica.role == "replica" and replica.master == "mysql-mega-2-master"
     assert "foobar_production" in replica.databases
+    # and each old IP the example maps, its customer's, forwarding to the VMs it moves
+    for equivalence in EXAMPLE["migration"]["ip_equivalences"]:
+        ip = inventory.lookup(PublicIp, equivalence["old_ip"])
+        assert ip.customer == EXAMPLE_CUSTOMER and ip.datacenter == "ey04"
+        assert ip.backing_vms == ("ey04-s50000", "ey04-s50001", "ey04-s50002", "ey04-s50003")
+        assert [(m.protocol, m.external_port) for m in ip.port_mappings] == [
+            ("tcp", 443), ("tcp", 80)]
+
+
+def test_public_ip_is_keyed_by_its_address_in_one_spelling(tmp_path: Path) -> None:
+    # Given an inventory listing an IPv6 address spelled long-hand
+    data = yaml.safe_load(INVENTORY.read_text())
+    data["public_ips"]["2001:DB8:0:0::10"] = data["public_ips"].pop("203.0.113.10")
+    file = tmp_path / "inventory.yaml"
+    file.write_text(yaml.safe_dump(data))
+    # Then it is found by the spelling a document's old_ip has (intake writes one)
+    inventory = FileInventory(file)
+    assert inventory.lookup(PublicIp, "2001:db8::10").customer == EXAMPLE_CUSTOMER
+    with pytest.raises(UnknownEntityError,
+                       match="old public IP '203.0.113.10' is not in the inventory"):
+        inventory.lookup(PublicIp, "203.0.113.10")
 
 
 def test_unknown_name_is_an_unknown_entity_error_naming_it() -> None:
@@ -110,6 +132,7 @@ def _without(data: dict[str, Any], *path: str | int) -> None:
      "database_servers.mysql-mega-2-replica.customer"),
     (("database_servers", "mysql-mega-2-replica", "databases", "foobar_production"),
      "database_servers.mysql-mega-2-replica.databases.foobar_production.customer"),
+    (("public_ips", "203.0.113.10"), "public_ips.203.0.113.10.customer"),
 ])
 def test_entity_without_an_owner_is_an_inventory_error_naming_it(
         tmp_path: Path, path: tuple[str | int, ...], named: str) -> None:
@@ -151,6 +174,19 @@ def test_owner_left_out_of_a_file_already_read_fails_the_next_lookup(tmp_path: P
         {"cust-1042": ["/"]}), "customer_paths of 'cust-1042' names '/'"),
     (lambda d: d["database_servers"]["mysql-mega-2-replica"]["customer_paths"].update(
         {"cust-1042": ["var/x"]}), "not absolute"),
+    (lambda d: d["public_ips"]["203.0.113.10"].update(customer="shared"),
+     "public_ips.203.0.113.10.customer: Value error, 'shared' owns only database servers"),
+    (lambda d: d["public_ips"]["203.0.113.10"]["port_mappings"][1].update(external_port=443),
+     "public_ips.203.0.113.10: Value error, tcp port 443 is mapped twice"),
+    (lambda d: d["public_ips"].update(
+        {"2001:DB8:20:0::77": d["public_ips"]["2001:db8:20::77"]}),
+     # (safe_dump sorts the keys: the long spelling comes first)
+     "public_ips: Value error, public IP '2001:db8:20::77' is listed twice (also as "
+     "'2001:DB8:20:0::77')"),
+    (lambda d: d["public_ips"].update({"203.0.113.300": d["public_ips"]["203.0.113.10"]}),
+     "public_ips.203.0.113.300.[key]: Value error, '203.0.113.300' is not an IPv4 or IPv6"),
+    (lambda d: d["public_ips"]["203.0.113.10"]["port_mappings"][0].update(vms=[]),
+     "public_ips.203.0.113.10.port_mappings.0.vms: Tuple should have at least 1 item"),
 ])
 def test_owners_that_cannot_be_are_refused(tmp_path: Path, edit: Callable[[Any], Any],
                                            says: str) -> None:
@@ -176,4 +212,27 @@ def test_check_reports_entities_naming_another_customers(tmp_path: Path) -> None
         "of customer 'cust-2077'",
         "replica 'mysql-mega-2-replica' belongs to 'shared', its master "
         "'mysql-mega-2-master' to 'cust-2077'",
+        "public IP '203.0.113.10' of customer 'cust-1042' names VM 'ey04-s50003' of customer "
+        "'cust-2077'",
     ]
+
+
+def test_check_reports_a_public_ip_forwarding_to_what_it_cannot(tmp_path: Path) -> None:
+    # Given the example's IP forwarding also to another customer's VM, to one the inventory
+    # lacks, and to one in another datacenter
+    data = yaml.safe_load(INVENTORY.read_text())
+    data["vms"]["ey04-s59000"] = {**data["vms"]["ey04-s50000"], "customer": "cust-2077"}
+    data["vms"]["ey02-s10000"] = {**data["vms"]["ey04-s50000"], "datacenter": "ey02"}
+    data["public_ips"]["203.0.113.10"]["port_mappings"][0]["vms"] += [
+        "ey04-s59000", "ey04-s59999", "ey02-s10000"]
+    file = tmp_path / "inventory.yaml"
+    file.write_text(yaml.safe_dump(data))
+    # Then `ferry inventory check` names each
+    assert reference_problems(FileInventory(file).document()) == [
+        "public IP '203.0.113.10' of customer 'cust-1042' names VM 'ey04-s59000' of customer "
+        "'cust-2077'",
+        "public IP '203.0.113.10' names VM 'ey04-s59999', which the inventory lacks",
+        "public IP '203.0.113.10' in datacenter 'ey04' forwards to VM 'ey02-s10000' in 'ey02'",
+    ]
+    # And (the control) the example's own IPs are sound
+    assert reference_problems(FileInventory(INVENTORY).document()) == []

@@ -1,5 +1,6 @@
 """A document moves only its own customer's things: planning refuses, naming each old entity
-of another customer and its owner, before anything is planned, allocated or snapshotted."""
+of another customer and its owner (an old public IP too), before anything is planned,
+allocated or snapshotted; an old IP the inventory does not list is refused as unknown."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from services.resolver.handlers import fail_migration
-from services.resolver.inventory import FileInventory
+from services.resolver.inventory import FileInventory, UnknownEntityError
 from services.resolver.planning import NotOwnedError, plan_archives
 from shared.document import validate_document
 from shared.runtime import deliver_failure
@@ -54,8 +55,13 @@ def give_database_servers(data: dict[str, Any]) -> None:
             database["customer"] = OTHER
 
 
+def give_public_ip(data: dict[str, Any]) -> None:
+    data["public_ips"]["203.0.113.10"]["customer"] = OTHER
+
+
 def give_everything(data: dict[str, Any]) -> None:
-    for edit in (give_vm, give_environment, give_shared_filesystem, give_database):
+    for edit in (give_vm, give_environment, give_shared_filesystem, give_database,
+                 give_public_ip):
         edit(data)
 
 
@@ -65,6 +71,7 @@ SHARED_FS = (f"shared filesystem '/data' of old environment 'ey04-e00075' belong
              f"customer {OTHER!r}")
 DATABASE = [f"database 'foobar_production' on {server!r} belongs to customer {OTHER!r}"
             for server in ("mysql-mega-2-master", "mysql-mega-2-replica")]
+PUBLIC_IP = f"old public IP '203.0.113.10' belongs to customer {OTHER!r}"
 
 # (case, the inventory edit giving it to another customer, what the refusal names)
 CASES: list[tuple[str, Edit, list[str]]] = [
@@ -75,7 +82,8 @@ CASES: list[tuple[str, Edit, list[str]]] = [
     ("database servers", give_database_servers, [
         f"database server 'mysql-mega-2-master' belongs to customer {OTHER!r}", DATABASE[0],
         f"database server 'mysql-mega-2-replica' belongs to customer {OTHER!r}", DATABASE[1]]),
-    ("all at once", give_everything, [VM, ENVIRONMENT, SHARED_FS, *DATABASE]),
+    ("public ip", give_public_ip, [PUBLIC_IP]),
+    ("all at once", give_everything, [VM, ENVIRONMENT, SHARED_FS, *DATABASE, PUBLIC_IP]),
 ]
 
 
@@ -117,6 +125,40 @@ def test_another_customers_database_on_a_shared_server_is_refused() -> None:
         for server in ("mysql-mega-2-master", "mysql-mega-2-replica"))
 
 
+def test_another_customers_old_ip_is_refused_naming_it_and_its_owner() -> None:
+    # Given the example inventory, where 2001:db8:20::77 is cust-2077's
+    document = example_document(ip_equivalences=[
+        {"old_ip": "203.0.113.10", "new_public_ip": "ip_1"},
+        {"old_ip": "2001:0db8:0020::0077", "new_public_ip": "ip_2"}], public_ips=2)
+    # When cust-1042's document maps it (in any spelling) besides its own
+    with pytest.raises(NotOwnedError) as caught:
+        plan_archives(validate_document(document), FileInventory(INVENTORY), "m")
+    # Then the address is named with its owner, and only it
+    assert str(caught.value) == REFUSED + (
+        f"old public IP '2001:db8:20::77' belongs to customer {OTHER!r}")
+
+
+def test_old_ip_the_inventory_does_not_list_is_refused_holding_nothing(
+        tmp_path: Path) -> None:
+    # Given a resolver whose inventory lists cust-1042's old IP 203.0.113.10 only
+    site = Site(tmp_path)
+    before = site.counters()
+    document = example_document(ip_equivalences=[
+        {"old_ip": "198.51.100.77", "new_public_ip": "ip_1"}])
+    # When cust-1042's document maps an old IP nobody is known to own
+    with pytest.raises(UnknownEntityError) as caught:
+        site.handle(submitted(document, "m-unlisted"))
+    # Then it is refused as unknown, naming the address, before anything is held
+    assert str(caught.value) == ("old public IP '198.51.100.77' is not in the inventory (an "
+                                 "old IP moves only when the inventory says whose it is)")
+    assert site.held_by("m-unlisted") == 0 and site.events() == []
+    assert site.counters() == before
+    # And (the control) the same document mapping the customer's own old IP resolves
+    assert site.handle(submitted(example_document(), "m-listed"))
+    assert [e["type"] for e in site.events("m-listed")][0] == "migration.resolved"
+    site.engine.dispose()
+
+
 def test_each_customer_plans_its_own_and_shares_only_the_servers_root(tmp_path: Path) -> None:
     # Given an inventory where cust-1042 and cust-b each own their old site, on one
     # shared database server
@@ -151,7 +193,7 @@ def test_refused_migration_holds_nothing_and_its_failure_names_the_owners(
     assert [(e["type"], e["payload"]) for e in site.events()] == [(
         "migration.failed",
         {"stage": "resolve", "reason": REFUSED + "; ".join([VM, ENVIRONMENT, SHARED_FS,
-                                                            *DATABASE])})]
+                                                            *DATABASE, PUBLIC_IP])})]
     site.engine.dispose()
 
 
