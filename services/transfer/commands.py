@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine, select, update
 
@@ -81,12 +82,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_check(check: ArchiveCheck) -> None:
+    """One archive's findings; member names are the customer's: never read as markup."""
     status = "[green]ok[/]" if check.ok else "[red]MISMATCH[/]"
-    console.print(f"archive {check.archive_id}: {status}  {check.path}")
+    console.print(f"archive {check.archive_id}: {status}  {escape(check.path)}")
     for problem in check.problems:
-        console.print(f"  [red]{problem}[/]")
+        console.print(f"  [red]{escape(problem)}[/]")
     for note in check.notes:
-        console.print(f"  [yellow]{note}[/]")
+        console.print(f"  [yellow]{escape(note)}[/]")
     result = check.comparison
     if result is None:
         return
@@ -95,11 +97,11 @@ def _print_check(check: ArchiveCheck) -> None:
                   str(len(result.extra)), str(len(result.different)))
     console.print(table)
     for path in result.missing:
-        console.print(f"  [red]missing:[/] {path}")
+        console.print(f"  [red]missing:[/] {escape(path)}")
     for path in result.extra:
-        console.print(f"  [red]extra:[/] {path}")
+        console.print(f"  [red]extra:[/] {escape(path)}")
     for path, fields in result.different:
-        console.print(f"  [red]different {', '.join(fields)}:[/] {path}")
+        console.print(f"  [red]different {', '.join(fields)}:[/] {escape(path)}")
 
 
 def register_archives(archives_app: typer.Typer) -> None:
