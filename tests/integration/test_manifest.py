@@ -50,7 +50,7 @@ def sshd() -> Iterator[SshServer]:
 
 def build_source(root: Path) -> None:
     """Regular files, a symlink, a hard link, a sparse file, a long name, a name that is not
-    UTF-8, a fifo, and owners other than root."""
+    UTF-8, a fifo, a character device, and owners other than root."""
     (root / "docs").mkdir(parents=True)
     (root / CHANGED).write_bytes(b"the customer's readme\n" * 100)
     (root / "docs" / "empty").write_bytes(b"")
@@ -65,6 +65,7 @@ def build_source(root: Path) -> None:
     (root / LONG).write_bytes(b"long name\n")
     (root / os.fsdecode(BAD_NAME)).write_bytes(b"caf\xe9\n")
     os.mkfifo(root / "a-fifo")
+    os.mknod(root / "a-null", stat.S_IFCHR | 0o640, os.makedev(1, 3))
     os.chown(root / "docs", 4242, 4343)
     os.chown(root / CHANGED, 1001, 100)
     os.chown(root / "docs" / "link-to-readme", 33, 33, follow_symlinks=False)
@@ -73,7 +74,7 @@ def build_source(root: Path) -> None:
 
 def lstat_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
-                       (stat.S_ISFIFO, "fifo")):
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "chardev")):
         if test(mode):
             return kind
     raise AssertionError(f"unexpected file type {mode:o}")
@@ -103,6 +104,9 @@ def check_against_source(entries: list[dict[str, Any]], root: Path) -> None:
             assert (entry["size"], entry["sha256"]) == (st.st_size, digest), raw
         if entry["type"] == "symlink":
             assert entry["target"] == os.readlink(path).decode(), raw
+        if entry["type"] == "chardev":
+            assert (entry["major"], entry["minor"]) == (os.major(st.st_rdev),
+                                                        os.minor(st.st_rdev)), raw
 
 
 @dataclass
