@@ -91,14 +91,49 @@ def describe(member: tarfile.TarInfo) -> dict[str, Any]:
     return entry
 
 
+class _Forward:
+    """A stream that only goes forward, as a file tarfile can `seek` in: tarfile's own
+    stream mode (`r|`) copies its whole buffer on every small read, 3.5x slower on a tree of
+    small files. tarfile seeks only forward when members are read in order."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.position = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.stream.read(-1 if size is None else size)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < self.position:
+            raise tarfile.ReadError(f"cannot go back to byte {offset} of a stream at "
+                                    f"{self.position}")
+        while self.position < offset:
+            if not self.read(min(READ, offset - self.position)):
+                break  # cut short: tarfile's next read says so
+        return self.position
+
+
 def scan(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
     """Every member of the uncompressed tar `stream`, regular files hashed, in stream order;
     then reads the stream to its end (tar pads past its end marker). Raises ManifestError
     for a stream that is not a whole tar archive."""
+    forward = _Forward(stream)
     try:
-        archive = tarfile.open(fileobj=stream, mode="r|", bufsize=READ, encoding="utf-8",
+        archive = tarfile.open(fileobj=forward, mode="r:", encoding="utf-8",  # type: ignore[call-overload]
                                errors="surrogateescape")
-        for member in archive:
+        while True:
+            member = archive.next()
+            if member is None:
+                break
+            archive.members.clear()  # tarfile keeps every member: a million files add up
             entry = describe(member)
             if entry["type"] == "file":
                 content = archive.extractfile(member)
@@ -112,7 +147,7 @@ def scan(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
             yield entry
     except tarfile.TarError as error:
         raise ManifestError(f"not a whole tar archive: {error}") from error
-    while stream.read(READ):
+    while forward.read(READ):
         pass
 
 
