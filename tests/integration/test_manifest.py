@@ -11,9 +11,10 @@ import os
 import stat
 import subprocess
 import tarfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import zstandard
 
 from services.transfer.verification import verify_archive
 from shared.contracts import ArchiveCompleted
+from shared.hosts import LocalExecutor
 from shared.manifest import parse, path_bytes
 from shared.settings import Settings
 from shared.ssh import SSHConfig, SSHHost
@@ -30,6 +32,8 @@ from tests.integration.test_archiver import (
     answers,
     archive_request,
     archiver_settings,
+    fill,
+    mariadb,  # noqa: F401 - the fixture
     running,
     send,
 )
@@ -241,3 +245,78 @@ def test_deep_verify_fails_naming_the_member(sshd: SshServer, transferred: Trans
     name = expected[0][0] if kind == "different" else expected[0]
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"{kind}" in done.stdout and name in done.stdout, done.stdout
+
+
+def transfer_locally(tmp_path: Path, staging: Path, completed: dict[str, Any]) -> Any:
+    """Send one archive.completed's archive to a local destination with the real transfer."""
+    settings = Settings(broker_url="memory://", state_dir=tmp_path / "state",
+                        staging_dir=staging, destination=str(tmp_path / "destination"),
+                        outbox_poll_seconds=0.1, job_poll_seconds=0.1, lease_seconds=3.0,
+                        transfer_backoff_seconds=0.2, transfer_timeout_seconds=30)
+    services: list[Any] = []
+    try:
+        service = start(settings, services)
+        migration = Migration("memory://", "m-local")
+        migration.resolve(completed["request_id"])
+        migration._publish(ArchiveCompleted.model_validate(
+            {key: value for key, value in completed.items() if key != "type"}))
+        return settings, wait_job(service, completed["archive_id"], "done")
+    finally:
+        for service in services:
+            service.stop()
+            service.engine.dispose()
+
+
+def test_a_dump_has_one_member_and_verifies_deep_at_a_local_destination(
+    sshd: SshServer, tmp_path: Path, mariadb: tuple[Any, list[str]],  # noqa: F811
+) -> None:
+    connection, created = mariadb
+    database = f"ferry_manifest_{uuid.uuid4().hex[:8]}"
+    created.append(database)
+    fill(connection, database, 2_000)
+    # Given a database archived by the real archiver (mysqldump over ssh)
+    settings = archiver_settings(tmp_path, sshd)
+    with running(settings) as service:
+        send("memory://", (archive_request("r1", "database", f"db:{database}",
+                                           host=address(sshd), database=database,
+                                           engine="mysql"), "m-local"))
+        completed = answers(service, ["r1"])["r1"]
+    assert completed["type"] == "archive.completed", completed
+    # Then its manifest has one member: the raw dump, its size and sha256
+    staged = Path(completed["path"])
+    dump = zstandard.ZstdDecompressor().stream_reader(staged.read_bytes()).read()
+    manifest = parse(Path(f"{staged}.manifest.jsonl").read_bytes(), "staging")
+    assert len(dump) == completed["raw_bytes"]
+    assert manifest.entries == [{"path": staged.name.removesuffix(".zst"), "type": "dump",
+                                 "size": len(dump), "sha256": hashlib.sha256(dump).hexdigest()}]
+    # When it is sent to a local destination and verified deep there
+    transfer, job = transfer_locally(tmp_path, settings.staging_dir, completed)
+    check = verify_archive(job, LocalExecutor(), transfer, deep=True)
+    # Then it matches
+    assert check.ok and check.comparison is not None and check.comparison.checked == 1, check
+
+
+def test_an_archive_made_before_manifests_is_sent_and_says_no_deep_verify(
+    tmp_path: Path,
+) -> None:
+    # Given a staging archive with no manifest beside it (made before manifests existed)
+    staging = tmp_path / "staging"
+    (staging / "ey04").mkdir(parents=True)
+    archive = staging / "ey04" / "old1.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(b"\0" * 10240))
+    now = datetime.now(UTC)
+    completed = ArchiveCompleted(
+        datacenter="ey04", request_id="r-old", archive_id="old1", kind="shared_fs",
+        reuse_key="old1", path=str(archive), file_name=archive.name, raw_bytes=10240,
+        compressed_bytes=archive.stat().st_size,
+        sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), started_at=now,
+        finished_at=now).model_dump(mode="json")
+    # When it is transferred, then it arrives verified, with no manifest
+    settings, job = transfer_locally(tmp_path, staging, completed)
+    assert job.result["manifest"] is None
+    assert sorted(p.name for p in (tmp_path / "destination" / "m-local").iterdir()) == [
+        archive.name]
+    # And a deep verify says no deep verify is possible, which is no mismatch
+    check = verify_archive(job, LocalExecutor(), settings, deep=True)
+    assert check.ok and check.comparison is None
+    assert check.notes == ["no manifest (archived before manifests): no deep verify possible"]
