@@ -121,6 +121,30 @@ class _Forward:
         return self.position
 
 
+def _content_sha256(archive: tarfile.TarFile, member: tarfile.TarInfo,
+                    forward: _Forward) -> str:
+    """A regular member's content hash: read straight from the stream, or through tarfile
+    for a sparse one (its holes expanded as zeros)."""
+    digest = hashlib.sha256()
+    if member.sparse is None:
+        forward.seek(member.offset_data)
+        left = member.size
+        while left:
+            chunk = forward.read(min(READ, left))
+            if not chunk:
+                raise tarfile.ReadError(f"unexpected end of data in {member.name!r}")
+            digest.update(chunk)
+            left -= len(chunk)
+        return digest.hexdigest()
+    content = archive.extractfile(member)
+    assert content is not None  # noqa: S101 (a regular file always has content)
+    chunk = content.read(READ)
+    while chunk:
+        digest.update(chunk)
+        chunk = content.read(READ)
+    return digest.hexdigest()
+
+
 def scan(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
     """Every member of the uncompressed tar `stream`, regular files hashed, in stream order;
     then reads the stream to its end (tar pads past its end marker). Raises ManifestError
@@ -136,14 +160,7 @@ def scan(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
             archive.members.clear()  # tarfile keeps every member: a million files add up
             entry = describe(member)
             if entry["type"] == "file":
-                content = archive.extractfile(member)
-                assert content is not None  # noqa: S101 (a regular file always has content)
-                digest = hashlib.sha256()
-                chunk = content.read(READ)
-                while chunk:
-                    digest.update(chunk)
-                    chunk = content.read(READ)
-                entry["sha256"] = digest.hexdigest()
+                entry["sha256"] = _content_sha256(archive, member, forward)
             yield entry
     except tarfile.TarError as error:
         raise ManifestError(f"not a whole tar archive: {error}") from error
@@ -244,58 +261,80 @@ def compare(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> Com
 
 
 class _Counting:
-    """A read-only stream that hashes and counts what is read through it."""
+    """A read-only stream that counts (and for a dump hashes) what is read through it."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], hashing: bool) -> None:
         self.stream = stream
         self.bytes = 0
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if hashing else None
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         self.bytes += len(data)
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         return data
+
+
+def members(stream: IO[bytes], kind: str, name: str, emit: Callable[[bytes], object]) -> int:
+    """`emit` one line per member of the raw stream (`kind` "tar", or "sql": one dump member
+    called `name`); returns the stream's size. Raises ManifestError."""
+    counted = _Counting(stream, hashing=kind == "sql")
+    if counted.sha256 is not None:
+        while counted.read(READ):
+            pass
+        emit(line(dump_entry(name, counted.bytes, counted.sha256.hexdigest())))
+    else:
+        for entry in scan(counted):  # type: ignore[arg-type]
+            emit(line(entry))
+    return counted.bytes
 
 
 def list_archive(path: str, extension: str, kind: str, name: str,
                  emit: Callable[[bytes], object]) -> None:
     """Decompress `path` (a `.zst` or `.gz` file) and `emit` one line per member: what the
-    destination holds, in the manifest's terms. Raises ManifestError, OSError."""
+    destination holds, in the manifest's terms; then `{"raw_bytes": N}`. Raises
+    ManifestError, OSError."""
     command = DECOMPRESS.get(extension)
     if command is None:
         raise ManifestError(f"{path}: unknown compression {extension!r}")
     with subprocess.Popen([*command, path], stdout=subprocess.PIPE) as process:  # noqa: S603
         assert process.stdout is not None  # noqa: S101
-        counted = _Counting(process.stdout)
-        if kind == "sql":
-            while counted.read(READ):
-                pass
-            emit(line(dump_entry(name, counted.bytes, counted.sha256.hexdigest())))
-        else:
-            for entry in scan(counted):  # type: ignore[arg-type]
-                emit(line(entry))
+        raw_bytes = members(process.stdout, kind, name, emit)
         process.stdout.close()
         if process.wait() != 0:
             raise ManifestError(f"{' '.join(command)} {path} exited {process.returncode}")
-    emit(line({"raw_bytes": counted.bytes}))
+    emit(line({"raw_bytes": raw_bytes}))
 
 
 def script() -> str:
-    """This module as a script for `python3 -c SCRIPT PATH EXTENSION KIND NAME`, run where
-    the archive is: it prints list_archive's lines, then `{"raw_bytes": N}`."""
+    """This module as a script for `python3 -` (the source on stdin) or `python3 -c`:
+
+    - `list PATH EXTENSION KIND NAME`, where the archive is: list_archive's lines;
+    - `scan KIND NAME`: the raw stream on stdin, its members' lines on stdout (the archiver
+      runs it beside the stream, in its own process: no GIL shared with the compressor).
+      A stream that is not what it claims is read to its end anyway, then exit 1.
+    """
     return inspect.getsource(sys.modules[__name__])
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4:
-        sys.stderr.write("usage: manifest PATH EXTENSION KIND NAME\n")
-        return 2
     out = sys.stdout.buffer
     try:
-        list_archive(argv[0], argv[1], argv[2], argv[3], out.write)
+        if len(argv) == 5 and argv[0] == "list":
+            list_archive(argv[1], argv[2], argv[3], argv[4], out.write)
+        elif len(argv) == 3 and argv[0] == "scan":
+            try:
+                members(sys.stdin.buffer, argv[1], argv[2], out.write)
+            finally:
+                while sys.stdin.buffer.read(READ):  # the feeder never blocks on us
+                    pass
+        else:
+            sys.stderr.write("usage: manifest list PATH EXTENSION KIND NAME | "
+                             "scan KIND NAME\n")
+            return 2
     except (ManifestError, OSError) as error:
-        sys.stderr.write(f"{argv[0]}: {error}\n")
+        sys.stderr.write(f"{error}\n")
         return 1
     out.flush()
     return 0

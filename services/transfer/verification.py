@@ -101,7 +101,7 @@ def _list_at(host: Host, remote: str, file_name: str, kind: str, raw_bytes: int,
     name, _, extension = file_name.rpartition(".")
     lines = bytearray()
     try:
-        host.run(["python3", "-", remote, extension, kind, name], stdin=script().encode(),
+        host.run(["python3", "-", "list", remote, extension, kind, name], stdin=script().encode(),
                  sink=lines.extend,
                  timeout=settings.transfer_timeout_seconds + raw_bytes / HASH_BYTES_PER_S)
     except UnexpectedExit as error:

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from services.archiver.compress import remove_partials
-from services.archiver.manifest import ManifestFailedError, ManifestWriter
+from services.archiver.manifest import (
+    ManifestFailedError,
+    ManifestInterruptedError,
+    ManifestWriter,
+)
 from shared.manifest import compare, line, parse, path_bytes, scan
 
 ARCHIVE_SHA = "ab" * 32
@@ -99,9 +103,9 @@ def test_a_stream_cut_short_is_aborted_without_blocking(tmp_path: Path) -> None:
     writer = ManifestWriter(tmp_path / "m.partial", "a1.tar.zst", "tar")
     for start in range(0, len(data) // 2, 512):
         writer.feed(data[start:start + 512])
-    # When the attempt gives up, then its thread ends and its partial file is gone
+    # When the attempt gives up, then its reader ends and its partial file is gone
     writer.abort()
-    assert not writer._thread.is_alive()
+    assert not writer._reader.is_alive() and writer._child.poll() is not None
     assert not (tmp_path / "m.partial").exists()
 
 
@@ -140,3 +144,23 @@ def test_partial_manifests_are_removed_with_partial_archives(tmp_path: Path) -> 
                                                "a1.tar.zst.manifest.jsonl.1234abcd.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a1.tar.zst",
                                                          "a1.tar.zst.manifest.jsonl"]
+
+
+def test_a_reader_that_dies_is_a_retryable_failure_and_the_stream_goes_on(
+    tmp_path: Path,
+) -> None:
+    # Given a manifest reader killed mid-stream (out of memory, say)
+    data = tar_bytes(small_tree(tmp_path / "src"))
+    writer = ManifestWriter(tmp_path / "m.partial", "a1.tar.zst", "tar")
+    writer.feed(data[:10240])
+    writer._child.kill()
+    writer._child.wait()
+    # When the rest of the stream passes, then feeding never fails or blocks
+    for start in range(10240, len(data), 4096):
+        writer.feed(data[start:start + 4096])
+    # And closing says the manifest must be made again (a transient error), leaving nothing
+    with pytest.raises(ManifestInterruptedError, match="a1.tar.zst: the manifest's reader "
+                                                       "exited -9"):
+        writer.close(ARCHIVE_SHA)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == [tmp_path / "src"]
