@@ -1,5 +1,6 @@
 """The staging manifest is checked before it is sent: absent is fine, anything else wrong
-is a permanent failure naming the file."""
+is a permanent failure naming the file; one that arrived damaged is sent again; a deep
+verify where it cannot run says why."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from services.transfer.manifests import ManifestInvalidError, staged_manifest
+from services.transfer.destination import parse_destination
+from services.transfer.manifests import ManifestInvalidError, check_arrived, staged_manifest
+from services.transfer.verification import _list_at
+from shared.errors import FerryError, TransientError, UnexpectedExit
+from shared.hosts import LocalExecutor
 from shared.manifest import dump_entry, header, line, trailer
+from shared.settings import Settings
 
 SHA = "cd" * 32
 
@@ -45,3 +51,37 @@ def test_a_wrong_manifest_is_refused_naming_it(tmp_path: Path, data: bytes, reco
     with pytest.raises(ManifestInvalidError, match="archive a1: .*") as raised:
         staged_manifest(tmp_path / "a1.sql.zst", payload(manifest_sha256=recorded))
     assert message in str(raised.value) and "a1.sql.zst.manifest.jsonl" in str(raised.value)
+
+
+def test_a_manifest_that_arrived_damaged_is_removed_and_sent_again(tmp_path: Path) -> None:
+    # Given a manifest at a local destination that is not the one sent
+    data = manifest_bytes(SHA)
+    (tmp_path / "a1.sql.zst.manifest.jsonl").write_bytes(data)
+    staged = staged_manifest(tmp_path / "a1.sql.zst", payload())
+    assert staged is not None
+    remote = tmp_path / "dest" / "a1.sql.zst.manifest.jsonl"
+    remote.parent.mkdir()
+    remote.write_bytes(data[:-1] + b" ")
+    settings = Settings(state_dir=tmp_path)
+    destination = parse_destination(str(tmp_path / "dest"), settings)
+    digest = hashlib.sha256(remote.read_bytes()).hexdigest()
+    # When it is checked, then it is removed and the attempt is retried (a transient error)
+    with pytest.raises(TransientError, match=f"manifest sha256 at local:{remote} is {digest}"):
+        check_arrived(staged, digest, destination, LocalExecutor(), str(remote), settings)
+    assert not remote.exists()
+
+
+class NoPython:
+    """A destination host without python3 (a fake: the exit status is all that matters)."""
+
+    name = "backup@newsite:22"
+
+    def run(self, argv: list[str], **_: object) -> None:
+        raise UnexpectedExit(self.name, argv, 127, "bash: python3: command not found")
+
+
+def test_a_deep_verify_where_python3_is_missing_says_so() -> None:
+    with pytest.raises(FerryError, match="backup@newsite:22 has no python3: a deep verify "
+                                         "runs its reader there"):
+        _list_at(NoPython(), "/srv/m1/a1.tar.zst", "a1.tar.zst", "tar", 10,  # type: ignore[arg-type]
+                 Settings())
