@@ -46,6 +46,8 @@ def staged_manifest(source: Path, payload: dict[str, Any]) -> StagedManifest | N
     before manifests). Raises ManifestInvalidError naming the file and what is wrong."""
     path = source.with_name(manifest_name(source.name))
     archive_id = payload["archive_id"]
+    if path.is_symlink():  # the archiver writes a plain file: this one points elsewhere
+        raise ManifestInvalidError(f"archive {archive_id}: manifest {path} is a symlink")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

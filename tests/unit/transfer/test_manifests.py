@@ -53,6 +53,13 @@ def test_a_wrong_manifest_is_refused_naming_it(tmp_path: Path, data: bytes, reco
     assert message in str(raised.value) and "a1.sql.zst.manifest.jsonl" in str(raised.value)
 
 
+def test_a_manifest_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").write_bytes(manifest_bytes(SHA))
+    (tmp_path / "a1.sql.zst.manifest.jsonl").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ManifestInvalidError, match="a1.sql.zst.manifest.jsonl is a symlink"):
+        staged_manifest(tmp_path / "a1.sql.zst", payload())
+
+
 def test_a_manifest_that_arrived_damaged_is_removed_and_sent_again(tmp_path: Path) -> None:
     # Given a manifest at a local destination that is not the one sent
     data = manifest_bytes(SHA)
