@@ -2,8 +2,9 @@
 
 An attempt creates the directory at the destination, runs rsync (which resumes from what
 an earlier attempt left there), then compares the sha256 of the file at the destination
-with the archive's. It returns what happened; the worker applies the transfer's retry
-policy (exponential, jittered, `transfer_attempts` at most) to a transient failure. A
+with the archive's, then sends the archive's manifest beside it and checks that too
+(services.transfer.manifests). It returns what happened; the worker applies the transfer's
+retry policy (exponential, jittered, `transfer_attempts` at most) to a transient failure. A
 permanent failure, the last attempt or a second sha256 mismatch fails the job.
 """
 
@@ -127,7 +128,7 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
             return resend_from_zero(lease, attempt, (
                 f"sha256 at {destination.address}:{remote} is {digest}, the archive's is "
                 f"{job.payload['sha256']}; removed it"))
-        manifest = transfer_manifest(ctx, lease, destination, host, source, remote)
+        manifest = transfer_manifest(ctx, lease, destination, host, source)
         failpoint("transfer.after_verify")  # verified, not recorded: rsync again is a no-op
     except TransientError as error:
         if ctx.stopping.is_set():
@@ -141,7 +142,7 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
 
 
 def transfer_manifest(ctx: TransferContext, lease: Lease, destination: Destination, host: Host,
-                      source: Path, remote: str) -> dict[str, Any]:
+                      source: Path) -> dict[str, Any]:
     """Send the archive's manifest and check its sha256 there; what the job's result says of
     it. An archive made before manifests has none: sent without, no deep verify possible.
     Raises ManifestInvalidError, TransientError, and what rsync raises."""
