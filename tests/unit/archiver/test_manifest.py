@@ -24,10 +24,11 @@ ARCHIVE_SHA = "ab" * 32
 def small_tree(root: Path) -> Path:
     (root / "d").mkdir(parents=True)
     (root / "d" / "file.txt").write_bytes(b"hello\n" * 1000)
-    with (root / "holes.img").open("wb") as sparse:
-        sparse.truncate(4 << 20)
-        sparse.seek(1 << 20)
-        sparse.write(b"x" * 5000)
+    with (root / "holes.img").open("wb") as sparse:  # 12 data regions: GNU's extended
+        sparse.truncate(4 << 20)                       # sparse headers (4 fit in one)
+        for region in range(12):
+            sparse.seek(region * (300 << 10) + 7)
+            sparse.write(bytes([region + 1]) * 5000)
     (root / ("n" * 120)).write_bytes(b"long")
     (root / os.fsdecode(b"bad-\xff")).write_bytes(b"bytes")
     (root / "sym").symlink_to("d/file.txt")
