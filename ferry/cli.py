@@ -37,6 +37,10 @@ console = Console()
 for commands in (intake_commands, resolver_commands, snapshotter_commands, archiver_commands,
                  transfer_commands):
     commands.register(app)
+# `ferry archives verify` belongs to the transfer service, which knows the destinations
+transfer_commands.register_archives(next(
+    group.typer_instance for group in app.registered_groups
+    if group.name == "archives" and group.typer_instance is not None))
 
 
 def _check_service(service: str, allow_all: bool = False) -> None:

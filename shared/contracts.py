@@ -180,6 +180,10 @@ class ArchiveCompleted(_DatacenterEvent):
     reused: bool = False
     # local_fs: the snapshot.ready's snapshot_id it read, so the snapshotter tells attempts apart
     snapshot_id: str = ""
+    # the sha256 of the manifest beside the archive (`<file_name>.manifest.jsonl`, see
+    # shared.manifest); "" when the event does not say (the transfer then checks the
+    # manifest against the archive's sha256 it names, and its own trailer)
+    manifest_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
 
 
 class ArchiveFailed(_DatacenterEvent):

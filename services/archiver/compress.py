@@ -4,6 +4,7 @@ zstd (python `zstandard`, multi-threaded) or standard gzip (ISA-L's `igzip_threa
 every core; single-threaded zlib is far too slow to keep up with the stream). The file is
 created 0600 under a temporary name; `close()` flushes, fsyncs and reports raw bytes,
 compressed bytes and the sha256 of the file's bytes, counted as they are written.
+Beside each archive lies its manifest (services.archiver.manifest), sealed with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 from isal import igzip_threaded
+
+from shared.manifest import SUFFIX
 
 EXTENSIONS = {"zstd": "zst", "gzip": "gz"}
 # Input goes to the compressor in blocks of exactly this size, so block boundaries (and so
@@ -35,6 +38,13 @@ class ArchiveFile:
     raw_bytes: int
     compressed_bytes: int
     sha256: str
+    manifest: Path | None = None  # its manifest, sealed with it (None: made before manifests)
+    manifest_sha256: str = ""
+
+
+def manifest_path(archive: Path) -> Path:
+    """Where an archive's manifest lies: beside it, `<archive file name>.manifest.jsonl`."""
+    return archive.with_name(archive.name + SUFFIX)
 
 
 class _HashingFile:
@@ -144,7 +154,8 @@ def seal(partial: Path, final: Path) -> None:
 
 
 def remove_partials(directory: Path, archive_id: str) -> list[Path]:
-    """Delete what earlier attempts at this archive left behind (a worker killed mid-stream)."""
+    """Delete what earlier attempts at this archive left behind (a worker killed mid-stream):
+    partial archives and partial manifests alike."""
     removed = []
     for leftover in directory.glob(f"{archive_id}.*.partial"):
         leftover.unlink(missing_ok=True)

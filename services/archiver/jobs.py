@@ -23,9 +23,11 @@ from services.archiver.compress import (
     EXTENSIONS,
     ArchiveFile,
     ArchiveWriter,
+    manifest_path,
     remove_partials,
     seal,
 )
+from services.archiver.manifest import ManifestWriter
 from services.archiver.placement import mounting_host
 from services.archiver.probe import Capabilities, Probes, usable_timeout
 from services.archiver.records import (
@@ -142,8 +144,10 @@ class Archiver:
                     archive = self._stream(lease, host, command, warnings, tools)
             lease.check()  # taken over meanwhile: the partial goes (below), nothing is sealed
         except BaseException:
-            if archive is not None:  # not sealed: remove it
+            if archive is not None:  # not sealed: remove it (and its manifest)
                 archive.path.unlink(missing_ok=True)
+                if archive.manifest is not None:
+                    archive.manifest.unlink(missing_ok=True)
             raise
         return self._done(lease, archive, started, warnings, position)
 
@@ -176,15 +180,23 @@ class Archiver:
                 warnings: list[str], tools: Capabilities | None = None) -> ArchiveFile:
         compression = self.settings.compression
         name = f"{lease.job_id}.{command.extension}.{EXTENSIONS[compression]}"
-        partial = self.staging / f"{name}.{uuid.uuid4().hex[:8]}.partial"
+        token = uuid.uuid4().hex[:8]
+        partial = self.staging / f"{name}.{token}.partial"
         writer = ArchiveWriter(partial, compression, zstd_level=self.settings.zstd_level,
                                gzip_level=self.settings.gzip_level,
                                threads=self.settings.compression_threads)
+        try:  # the manifest: every member, listed and hashed as the same chunks pass
+            manifest = ManifestWriter(Path(f"{manifest_path(self.staging / name)}.{token}.partial"),
+                                      name, command.extension)
+        except BaseException:
+            writer.abort()
+            raise
         progress = _ProgressReporter(lease, self.datacenter,
                                      self.settings.archive_progress_seconds)
 
         def sink(chunk: bytes) -> None:
             writer.write(chunk)
+            manifest.feed(chunk)
             failpoint("archiver.mid_stream")  # a partial file, its stream cut: swept, redone
             lease.progress(bytes_done=writer.raw_bytes)
             lease.check()  # taken over by another worker: stop streaming now
@@ -198,29 +210,38 @@ class Archiver:
             result = host.run(command.argv, sink=sink, ok_exits=command.ok_exits,
                               timeout=timeout)
             archive = writer.close()
+            listed = manifest.close(archive.sha256)
         except BaseException as error:
             writer.abort()
+            manifest.abort()
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
                 raise StagingFullError(f"staging {self.staging} filled up while archive "
                                        f"{lease.job_id} was written ({error.strerror}, "
-                                       f"{writer.raw_bytes} raw bytes in); its partial file "
-                                       f"is removed") from error
+                                       f"{writer.raw_bytes} raw bytes in); its partial files "
+                                       f"are removed") from error
             raise
         if result.exited == TAR_CHANGED:
             lines = [line for line in result.stderr_tail.splitlines() if line.strip()]
             warnings.append(f"tar exited 1 (files changed while being read): "
                             f"{'; '.join(lines[-WARNING_LINES:]) or 'no message'}")
         return Streamed(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256,
-                        excluded=command.excluded)
+                        listed.path, listed.sha256, excluded=command.excluded)
 
     def _done(self, lease: Lease, archive: ArchiveFile, started: float, warnings: list[str],
               position: dict[str, Any] | None) -> Done:
         """The finished archive's row, and its record: seal the file, answer the requests."""
         final = self.staging / archive.path.name.rsplit(".", 2)[0]
+        result = {"worker": lease.owner, "datacenter": self.datacenter}
+        if archive.manifest is not None:
+            result.update(manifest=str(manifest_path(final)),
+                          manifest_sha256=archive.manifest_sha256)
 
         def record(uow: UnitOfWork) -> None:  # after the worker wrote the row, before commit
             # the row is ours until commit: no one else seals it (a file sealed by a commit
-            # that then failed stays, and the next attempt replaces it)
+            # that then failed stays, and the next attempt replaces it). The manifest first:
+            # a sealed archive always has its manifest beside it.
+            if archive.manifest is not None:
+                seal(archive.manifest, manifest_path(final))
             seal(archive.path, final)
             failpoint("archiver.after_seal")  # sealed, not recorded: made and sealed again
             job = uow.connection.execute(
@@ -229,7 +250,7 @@ class Archiver:
             log.info("archive %s sealed: %s, %d raw bytes -> %d, %d request(s) answered",
                      lease.job_id, final, archive.raw_bytes, archive.compressed_bytes, answered)
 
-        return Done(result={"worker": lease.owner, "datacenter": self.datacenter}, values={
+        return Done(result=result, values={
             "file_path": str(final), "raw_bytes": archive.raw_bytes,
             "compressed_bytes": archive.compressed_bytes, "sha256": archive.sha256,
             "started_at": started, "finished_at": time.time(), "warnings": warnings,

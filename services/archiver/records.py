@@ -34,7 +34,8 @@ def completed_event(job: Row[Any], request_id: str, reused: bool) -> ArchiveComp
         reuse_key=job.reuse_key, path=path, file_name=Path(path).name,
         raw_bytes=job.raw_bytes, compressed_bytes=job.compressed_bytes, sha256=job.sha256,
         started_at=_when(job.started_at), finished_at=_when(job.finished_at),
-        warnings=tuple(job.warnings or ()), reused=reused, snapshot_id=snapshot_id(job))
+        warnings=tuple(job.warnings or ()), reused=reused, snapshot_id=snapshot_id(job),
+        manifest_sha256=str((job.result or {}).get("manifest_sha256") or ""))
 
 
 def payload_snapshot(payload: Any) -> dict[str, Any]:

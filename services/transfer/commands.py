@@ -2,6 +2,10 @@
 
 `verify` puts a migration's finished transfers back in the queue: rsync finds an intact
 copy complete and sends nothing, and the sha256 check repairs a damaged one.
+
+`ferry archives verify [--deep]` (registered under `archives` by ferry.cli) only reads:
+each archive's and manifest's sha256 at the destination, and with --deep every member
+against the manifest (services.transfer.verification).
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine, select, update
 
 from services.transfer import SCHEMA
+from services.transfer.destination import open_host, parse_destination
 from services.transfer.ledger import FAILED, TRANSFERRING
 from services.transfer.tables import transfer_requests, transfers
+from services.transfer.verification import ArchiveCheck, verify_archive
+from shared.hosts import HostPool
 from shared.jobs import DONE, rearm_values
 from shared.jobs import FAILED as JOB_FAILED
 from shared.runtime import open_database
@@ -71,3 +79,65 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]no finished transfers for migration {migration}[/]")
             raise typer.Exit(1)
         console.print(f"{count} transfer(s) of {migration} queued again")
+
+
+def _print_check(check: ArchiveCheck) -> None:
+    """One archive's findings; member names are the customer's: never read as markup."""
+    status = "[green]ok[/]" if check.ok else "[red]MISMATCH[/]"
+    console.print(f"archive {check.archive_id}: {status}  {escape(check.path)}")
+    for problem in check.problems:
+        console.print(f"  [red]{escape(problem)}[/]")
+    for note in check.notes:
+        console.print(f"  [yellow]{escape(note)}[/]")
+    result = check.comparison
+    if result is None:
+        return
+    table = Table("members checked", "in manifest", "missing", "extra", "different")
+    table.add_row(str(result.checked), str(check.members), str(len(result.missing)),
+                  str(len(result.extra)), str(len(result.different)))
+    console.print(table)
+    for path in result.missing:
+        console.print(f"  [red]missing:[/] {escape(path)}")
+    for path in result.extra:
+        console.print(f"  [red]extra:[/] {escape(path)}")
+    for path, fields in result.different:
+        console.print(f"  [red]different {', '.join(fields)}:[/] {escape(path)}")
+
+
+def register_archives(archives_app: typer.Typer) -> None:
+    """`ferry archives verify`: the transfer service knows where archives arrived."""
+
+    @archives_app.command("verify")
+    def verify_archives(
+        migration: Annotated[str, typer.Argument(help="the migration id")],
+        deep: Annotated[bool, typer.Option(
+            "--deep", help="also read every archive at the destination and compare each "
+                           "member with its manifest")] = False,
+    ) -> None:
+        """Check the migration's transferred archives where they arrived (sha256 of each
+        archive and manifest); exit 1 on any mismatch. Nothing is changed or re-sent."""
+        settings = Settings()
+        engine = open_database(settings, SCHEMA).engine
+        with engine.connect() as connection:
+            jobs = list(connection.execute(select(transfers).where(
+                transfers.c.migration_id == migration, transfers.c.state == DONE)
+                .order_by(transfers.c.archive_id)))
+        engine.dispose()
+        if not jobs:
+            console.print(f"[red]no transferred archives for migration {migration}[/]")
+            raise typer.Exit(1)
+        hosts = HostPool(lambda text: open_host(parse_destination(text, settings), settings))
+        try:
+            checks = [verify_archive(job, hosts.get(job.destination), settings, deep)
+                      for job in jobs]
+        finally:
+            hosts.close_all()
+        for check in checks:
+            _print_check(check)
+        bad = [check.archive_id for check in checks if not check.ok]
+        if bad:
+            console.print(f"[red]{len(bad)} of {len(checks)} archive(s) of {migration} do not "
+                          f"match: {', '.join(bad)}[/]")
+            raise typer.Exit(1)
+        console.print(f"{len(checks)} archive(s) of {migration} match"
+                      f"{' their manifests' if deep else ''}")

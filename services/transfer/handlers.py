@@ -99,7 +99,7 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     payload = {"archive_id": event.archive_id, "path": event.path,
                "file_name": event.file_name, "sha256": event.sha256,
                "bytes": event.compressed_bytes, "datacenter": event.datacenter,
-               "kind": event.kind}
+               "kind": event.kind, "manifest_sha256": event.manifest_sha256}
     # the job row before the migration's lock, as the worker takes them (see ledger)
     insert_ignoring_conflicts(connection, transfers, new_job_values(
         job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,

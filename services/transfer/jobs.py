@@ -2,8 +2,9 @@
 
 An attempt creates the directory at the destination, runs rsync (which resumes from what
 an earlier attempt left there), then compares the sha256 of the file at the destination
-with the archive's. It returns what happened; the worker applies the transfer's retry
-policy (exponential, jittered, `transfer_attempts` at most) to a transient failure. A
+with the archive's, then sends the archive's manifest beside it and checks that too
+(services.transfer.manifests). It returns what happened; the worker applies the transfer's
+retry policy (exponential, jittered, `transfer_attempts` at most) to a transient failure. A
 permanent failure, the last attempt or a second sha256 mismatch fails the job.
 """
 
@@ -24,6 +25,12 @@ from sqlalchemy import ColumnElement, Engine, Row, and_, func, select
 from services.transfer import ledger, rsync
 from services.transfer.attempts import Attempt, Ending
 from services.transfer.destination import Destination, open_host, parse_destination, ssh_identity
+from services.transfer.manifests import (
+    check_arrived,
+    manifest_name,
+    send_manifest,
+    staged_manifest,
+)
 from services.transfer.progress import ProgressReporter
 from services.transfer.tables import transfers
 from shared.db import is_postgres
@@ -121,6 +128,7 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
             return resend_from_zero(lease, attempt, (
                 f"sha256 at {destination.address}:{remote} is {digest}, the archive's is "
                 f"{job.payload['sha256']}; removed it"))
+        manifest = transfer_manifest(ctx, lease, destination, host, source)
         failpoint("transfer.after_verify")  # verified, not recorded: rsync again is a no-op
     except TransientError as error:
         if ctx.stopping.is_set():
@@ -130,7 +138,26 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
         return RetryIn(None, str(error), record=attempt.ended(Ending.RETRY, error))
     except PermanentError as error:
         return Failed(error, record=attempt.ended(Ending.FAILED, error))
-    return transferred(lease, attempt, destination, remote, digest)
+    return transferred(lease, attempt, destination, remote, digest, manifest)
+
+
+def transfer_manifest(ctx: TransferContext, lease: Lease, destination: Destination, host: Host,
+                      source: Path) -> dict[str, Any]:
+    """Send the archive's manifest and check its sha256 there; what the job's result says of
+    it. An archive made before manifests has none: sent without, no deep verify possible.
+    Raises ManifestInvalidError, TransientError, and what rsync raises."""
+    job, settings = lease.job, ctx.settings
+    staged = staged_manifest(source, job.payload)
+    if staged is None:
+        log.info("transfer %s: archive %s has no manifest (made before manifests): sent "
+                 "without, no deep verify possible", job.id, job.archive_id)
+        return {"manifest": None}
+    remote_manifest = destination.file_path(job.migration_id,
+                                            manifest_name(job.payload["file_name"]))
+    send_manifest(staged, destination, remote_manifest, settings)
+    check_arrived(staged, sha256_at(destination, host, remote_manifest, staged.size, settings),
+                  destination, host, remote_manifest, settings)
+    return {"manifest": remote_manifest, "manifest_sha256": staged.sha256}
 
 
 def resend_from_zero(lease: Lease, attempt: Attempt, reason: str) -> RetryIn:
@@ -221,7 +248,7 @@ def sha256_at(destination: Destination, host: Host, path: str, size: int,
 
 
 def transferred(lease: Lease, attempt: Attempt, destination: Destination, remote: str,
-                digest: str) -> Done:
+                digest: str, manifest: dict[str, Any] | None = None) -> Done:
     """The job done with the verified copy; its record marks the job's requests transferred
     and announces them (the migration too, when that was its last), with the job's row."""
     job = lease.job
@@ -231,7 +258,7 @@ def transferred(lease: Lease, attempt: Attempt, destination: Destination, remote
     result = {"destination": f"{destination.address}:{remote}" if destination.host else remote,
               "bytes": size, "duration_s": round(duration, 3),
               "mb_per_s": round(size / duration / 1e6, 3), "sha256": digest,
-              "attempt_stats": attempt.stats}
+              "attempt_stats": attempt.stats, **(manifest or {})}
 
     def record(uow: UnitOfWork) -> None:
         ledger.lock_migration(uow.connection, job.migration_id)

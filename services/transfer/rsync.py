@@ -37,8 +37,9 @@ def ssh_command(*, key: Path, known_hosts: Path, port: int, connect_timeout: flo
 
 
 def rsync_argv(source: Path, target: str, *, ssh: str | None, timeout_seconds: int,
-               bwlimit_kbps: int | None) -> list[str]:
-    """The argv that sends `source` to `target` (`user@host:/path` with `ssh`, or a path)."""
+               bwlimit_kbps: int | None, append: bool = True) -> list[str]:
+    """The argv that sends `source` to `target` (`user@host:/path` with `ssh`, or a path).
+    `append=False` (a small file, the manifest): sent whole to a temporary name, renamed."""
     argv = [
         # rsync dies with the worker that started it: a SIGKILLed worker must not leave an
         # rsync writing into the file the worker that takes the job over resumes.
@@ -48,7 +49,7 @@ def rsync_argv(source: Path, target: str, *, ssh: str | None, timeout_seconds: i
         # rest and checks the whole file's checksum; --inplace alone would rescan every offset
         # of the missing half for matches (a resume took 3.1x an uninterrupted copy against
         # 1.35x, LIMITS.md). --partial keeps what arrived when rsync is interrupted.
-        "--inplace", "--partial", "--append-verify",
+        *(["--inplace", "--partial", "--append-verify"] if append else []),
         "--times",  # a complete copy then passes rsync's quick check: re-running is a no-op
         "--stats", "--info=progress2", f"--timeout={timeout_seconds}",
     ]  # fmt: skip

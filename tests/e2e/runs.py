@@ -114,7 +114,8 @@ def run_migration(site: tuple[Path, str], rabbit_url: str,
         # And nothing ran twice, nothing is left half-done, nothing is dead
         assert_once(urls, ARCHIVES)
         staged = sorted(p.name for p in (workdir / "staging").rglob("*") if p.is_file())
-        assert len(staged) == ARCHIVES and not [n for n in staged if "partial" in n], staged
+        # each archive and its manifest
+        assert len(staged) == 2 * ARCHIVES and not [n for n in staged if "partial" in n], staged
         for queue in [*FIXED_QUEUES, f"archiver.{run.pipeline.datacenter}"]:
             assert list_dead(rabbit_url, queue) == [], (queue, run.notes)
         return run

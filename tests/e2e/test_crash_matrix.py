@@ -324,10 +324,11 @@ def check_migration(deployment: Deployment, site: Site, migration_id: str,
     jobs = jobs_of(urls["intake"], migration_id)
     destination = deployment.destination / migration_id
     assert check_destination(destination, jobs, site.database, scratch) == ARCHIVES
-    assert len([p for p in destination.iterdir()]) == ARCHIVES, sorted(destination.iterdir())
+    # each archive and its manifest
+    assert len([p for p in destination.iterdir()]) == 2 * ARCHIVES, sorted(destination.iterdir())
     assert_once(urls, ARCHIVES)
     staged = sorted(p.name for p in deployment.staging.rglob("*") if p.is_file())
-    assert len(staged) == ARCHIVES and not [n for n in staged if "partial" in n], staged
+    assert len(staged) == 2 * ARCHIVES and not [n for n in staged if "partial" in n], staged
     dead = {queue: letters for queue, letters in deployment.dead_letters().items() if letters}
     assert not dead, dead
     # a release is not on the migration's path: one cut short is redone once its lease

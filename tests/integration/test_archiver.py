@@ -156,7 +156,8 @@ def test_shared_fs_archived_over_ssh_extracts_to_an_identical_tree(
     archive = Path(completed["path"])
     suffix = ".tar.zst" if compression == "zstd" else ".tar.gz"
     assert archive.name == f"{job.id}{suffix}" and archive.parent == settings.staging_dir / DC
-    assert staged(settings) == [f"{DC}/{archive.name}"]  # no partial file left
+    # no partial file left; the manifest beside it
+    assert staged(settings) == [f"{DC}/{archive.name}", f"{DC}/{archive.name}.manifest.jsonl"]
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     assert completed["compressed_bytes"] == archive.stat().st_size < completed["raw_bytes"]
     assert job.sha256 == completed["sha256"] and job.source_label == "ey04-e00075:/data"
@@ -226,7 +227,7 @@ def test_connection_lost_mid_stream_is_retried_and_completes(sshd: SshServer,
         [job] = jobs(service)
     # Then the attempt is given back, retried on a new connection, and completes
     assert completed["type"] == "archive.completed" and job.attempts >= 2
-    assert staged(settings) == [f"{DC}/{job.id}.tar.zst"]
+    assert staged(settings) == [f"{DC}/{job.id}.tar.zst", f"{DC}/{job.id}.tar.zst.manifest.jsonl"]
     body = zstandard.ZstdDecompressor().stream_reader(Path(job.file_path).read_bytes()).read()
     assert len(body) == job.raw_bytes and b"line 249999 of a busy log" in body
 
@@ -418,7 +419,8 @@ def test_snapshot_without_driver_is_archived_as_a_directory_and_nbd_fails_clearl
     assert found["r2"]["reason"].startswith("AttachError: nbdfuse nbd://127.0.0.1:")
     assert "/s-r2 exited" in found["r2"]["reason"] and not found["r2"]["will_retry"]
     assert list((settings.state_dir / "nbd").iterdir()) == []  # nothing left mounted
-    assert staged(settings) == [f"{DC}/{Path(found['r1']['path']).name}"]
+    name = Path(found["r1"]["path"]).name
+    assert staged(settings) == [f"{DC}/{name}", f"{DC}/{name}.manifest.jsonl"]
 
 
 # -- hostile input ------------------------------------------------------------------------

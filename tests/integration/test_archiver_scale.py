@@ -102,7 +102,8 @@ def test_two_datacenters_two_workers_each_run_every_job_in_its_datacenter_once(
         assert job.result["datacenter"] == job.datacenter
         assert Path(job.file_path).parent == tmp_path / "staging" / job.datacenter
     assert sorted(p.name for p in (tmp_path / "staging" / "dca").iterdir()) == sorted(
-        Path(j.file_path).name for j in jobs if j.datacenter == "dca")
+        name for j in jobs if j.datacenter == "dca"  # each archive, and its manifest
+        for name in (Path(j.file_path).name, Path(j.file_path).name + ".manifest.jsonl"))
     # And the five requests for one source got one archive and five archive.completed
     bodies = [json.loads(m.body) for m in completed]
     assert sorted(b["payload"]["request_id"] for b in bodies) == sorted(ids)
@@ -152,7 +153,8 @@ def test_worker_killed_mid_archive_is_taken_over_and_leaves_no_partial_file(
         started[0].kill()
         first = job()
         assert first.state == "running" and 0 < first.bytes_done < 40_000_000
-        assert [p.name.endswith(".partial") for p in (staging / "dck").iterdir()] == [True]
+        # its partial archive and partial manifest
+        assert [p.name.endswith(".partial") for p in (staging / "dck").iterdir()] == [True, True]
         # Then another worker takes the job over once the lease expires and completes it
         started.append(ArchiverProcess(env, tmp_path / "b.log"))
 
@@ -167,7 +169,7 @@ def test_worker_killed_mid_archive_is_taken_over_and_leaves_no_partial_file(
     assert done.result["worker"] != first.lease_owner
     # And only the sealed archive is left: no partial file of either attempt
     final = Path(done.file_path)
-    assert list((staging / "dck").iterdir()) == [final]
+    assert sorted((staging / "dck").iterdir()) == [final, Path(f"{final}.manifest.jsonl")]
     assert ".partial left by an earlier attempt" in (tmp_path / "b.log").read_text()
     body = final.read_bytes()
     assert hashlib.sha256(body).hexdigest() == done.sha256
