@@ -24,6 +24,7 @@ from sqlalchemy import Engine, select, update
 
 from ferry.cli import main
 from services.archiver.bootstrap import bootstrap as archiver_bootstrap
+from services.archiver.compress import manifest_path
 from services.archiver.tables import archive_jobs, archive_requests
 from services.transfer.bootstrap import bootstrap as transfer_bootstrap
 from shared.contracts import ArchiveSource, SnapshotReady, TransferCompleted
@@ -273,13 +274,17 @@ def test_gc_frees_exactly_the_transferred_expired_files(
     transferred(rabbit_url, (found["a"], "m-a"), (found["root-1"], "m-r1"))
     wait_for(lambda: all(r.transferred_at for r in requests_of(engine, ["a", "root-1"]).values()),
              what="transfer.completed recorded")
-    printed = gc(monkeypatch, capsys, settings)
     # Then gc frees a's file only, printing its name and size: b waits for its transfer,
     # the root is within its reuse age (and its second request not transferred yet)
     size_a = job(engine, found["a"].archive_id).compressed_bytes
-    assert f"freed {files['a']} ({size_a} bytes, archive {found['a'].archive_id})" in printed
-    assert f"1 file(s), {size_a} bytes freed" in printed
-    assert not files["a"].exists() and files["b"].exists() and files["root-1"].exists()
+    manifest_a = manifest_path(files["a"])
+    listed_a = manifest_a.stat().st_size
+    gc_printed = gc(monkeypatch, capsys, settings)
+    assert f"freed {files['a']} ({size_a} bytes, archive {found['a'].archive_id})" in gc_printed
+    assert f"freed {manifest_a} ({listed_a} bytes" in gc_printed  # its manifest goes with it
+    assert f"2 file(s), {size_a + listed_a} bytes freed" in gc_printed
+    assert not files["a"].exists() and not manifest_a.exists()
+    assert files["b"].exists() and files["root-1"].exists()
     assert job(engine, found["a"].archive_id).removed_at is not None
     # When the root's second request was transferred too, but it is still within its age
     transferred(rabbit_url, (found["root-2"], "m-r2"))
@@ -295,7 +300,8 @@ def test_gc_frees_exactly_the_transferred_expired_files(
     size_root = job(engine, found["root-1"].archive_id).compressed_bytes
     assert f"freed {files['root-1']} ({size_root} bytes" in printed
     assert not files["root-1"].exists() and files["b"].exists()
-    assert sorted(p.name for p in (settings.staging_dir / DC).iterdir()) == [files["b"].name]
+    assert sorted(p.name for p in (settings.staging_dir / DC).iterdir()) == sorted(
+        [files["b"].name, manifest_path(files["b"]).name])
 
 
 def test_the_archiver_deletes_a_transferred_file_itself_and_keeps_the_others(
@@ -403,7 +409,7 @@ def test_staging_filling_up_mid_write_fails_the_attempt_and_leaves_no_partial_fi
         assert answered.state == "failed" and archive.state == "failed"
         assert archive.attempts == 2
         assert f"staging {staging / DC} filled up while archive {archive.id} was written" in \
-            archive.error and "its partial file is removed" in archive.error
+            archive.error and "its partial files are removed" in archive.error
         # and no partial file is left: the staging volume is as empty as before
         assert list((staging / DC).iterdir()) == []
         assert free_bytes(staging) == empty

@@ -243,7 +243,9 @@ def test_what_the_source_command_left_out_is_recorded_with_the_archive(
     archiver = Archiver(settings, units.engine, "ey04", host_pool(settings))
     archiver.staging.mkdir(parents=True)
     # Given a source command that leaves a scrub list out
-    command = SourceCommand(["printf", "data"], (0,), "tar",
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "data").write_text("data")
+    command = SourceCommand(["tar", "-C", str(tmp_path / "src"), "-cf", "-", "."], (0,), "tar",
                             excluded=("/home", "/root/.bash_history"))
     # When its archive is made and recorded as the worker records it
     archive = archiver._stream(lease, LocalExecutor(), command, [])
