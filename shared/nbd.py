@@ -421,7 +421,7 @@ def reconcile(run_dir: Path = DEFAULT_RUN_DIR, on: Host | None = None) -> list[s
     cleaned: list[str] = []
     listing = box.attempt(["sh", "-c", 'for f in "$0"/*/state.json; do [ -e "$f" ] && '
                                        'echo "$f"; done', str(run_dir)]).stdout.decode()
-    for state_file in sorted(listing.split()):
+    for state_file in sorted(listing.splitlines()):
         try:
             state = json.loads(box.read(state_file) or "")
         except ValueError:

@@ -45,12 +45,15 @@ def publish(service: Service, event: Event) -> None:
         publisher.close()
 
 
-def request(service: Service, host: str, device: str) -> str:
+def request(service: Service, host: str, device: str, fs_type: str = "ext4") -> str:
+    """Ask for a snapshot of `device` (the inventory's type `fs_type`, as the resolver
+    sends it); the request id."""
     request_id = f"r-{uuid.uuid4().hex[:8]}"
     publish(service, SnapshotRequested(
         request_id=request_id, datacenter="lab", xen_host=host, device=device, size_bytes=0,
         driver="dm", reuse_key=f"key-{request_id}",
-        source=ArchiveSource(host=host, device=device, label=f"lab:{device}")))
+        source=ArchiveSource(host=host, device=device, label=f"lab:{device}",
+                             fs_type=fs_type)))
     return request_id
 
 

@@ -274,3 +274,29 @@ def test_a_disk_holding_another_filesystem_is_refused_without_being_mounted(
     run_dir = archiver.settings.nbd_run_dir
     assert run_dir is not None
     assert host_leftovers(run_dir) == [] and list(run_dir.iterdir()) == []
+
+
+def test_a_mount_the_kernel_refuses_fails_permanently_with_its_message(
+    journal_lab: Guest, archiver: Service, mounts: Path,
+) -> None:
+    lab = journal_lab
+    # Given a disk the inventory calls ext3 whose filesystem is an ext4 (extents: ext3 can't)
+    sid = f"ferry-{uuid.uuid4().hex[:12]}-1"
+    port = exports.start(lab.vm.host(), sid, "/dev/mapper/lab-ext4")
+    try:
+        # When the archiver is asked to archive it
+        publish(archiver, ready(lab.vm, sid, port, "/dev/mapper/lab-ext4", "ext3"))
+        done = answer(archiver, f"r-{sid}")
+    finally:
+        exports.stop(lab.vm.host(), sid)
+    # Then it fails permanently, naming the host, snapshot and export and the kernel's words
+    assert done["type"] == "archive.failed" and not done["will_retry"], done
+    reason = done["reason"]
+    assert reason.startswith(f"MountError: {lab.vm.address}: snapshot {sid} (export {sid})")
+    assert "couldn't mount as ext3 due to feature incompatibilities" in reason
+    # ... after one mount as the inventory's type, with no fallback to another way
+    seen = mounts.read_text().splitlines()
+    assert len(seen) == 1 and seen[0].startswith("-t ext3 -o ro,nosuid,nodev,noexec /dev/loop")
+    run_dir = archiver.settings.nbd_run_dir
+    assert run_dir is not None
+    assert host_leftovers(run_dir) == [] and list(run_dir.iterdir()) == []
