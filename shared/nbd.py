@@ -53,6 +53,9 @@ DEFAULT_RUN_DIR = Path("/run/ferry/nbd")
 MOUNT_OPTIONS = "ro,nosuid,nodev,noexec"
 EXTRA_OPTIONS = {"xfs": ",nouuid"}  # the snapshot has its origin's UUID
 ATTACH_TIMEOUT = 30.0
+# a journal replay reads the journal through the tunnel in small requests: minutes on a slow
+# link for a large one; past this the attempt is retried (CommandTimedOut is transient)
+MOUNT_TIMEOUT = 900.0
 STOP_WAIT = 10.0
 ANY_EXIT = range(256)
 # hints for a type this kernel lacks
@@ -286,7 +289,7 @@ def _mount(att: _Attachment, device: str, fs_type: str, where: str) -> None:
     options = MOUNT_OPTIONS + EXTRA_OPTIONS.get(fs_type, "")
     before = _dmesg(box)
     done = box.attempt(["mount", "-t", fs_type, "-o", options, device, att.mountpoint],
-                       timeout=120)
+                       timeout=MOUNT_TIMEOUT)
     if done.exited != 0:
         kernel = _kernel_message(before, _dmesg(box), device) or done.stderr_tail.strip()[-500:]
         raise MountError(f"{where}: mounting {device} on {box.name} as {fs_type} "
