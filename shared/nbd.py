@@ -192,6 +192,12 @@ class _Attachment:
     def save(self) -> None:
         self.box.write(f"{self.dir}/state.json", json.dumps(self.state))
 
+    def record_pid(self, key: str, pidfile: str) -> None:
+        """The pid the process wrote itself (what to stop), over the one the spawn saw."""
+        text = (self.box.read(pidfile) or "").strip()
+        if text.isdigit() and int(text) != self.state.get(key):
+            self.state[key] = int(text)
+            self.save()
 
 
 def _wait(ready: Callable[[], bool], dead: Callable[[], bool], what: str) -> None:
@@ -220,6 +226,7 @@ def _start_cow(att: _Attachment, port: int, export: str) -> None:
               f"{box.name}: nbdkit (cow over nbd://127.0.0.1:{port}/{export})")
     except AttachError as error:
         raise AttachError(f"{error}: {box.log_tail(log_path)}") from error
+    att.record_pid("nbdkit_pid", pidfile)
 
 
 def _attach_fuse(att: _Attachment, what: str) -> str:
@@ -238,8 +245,7 @@ def _attach_fuse(att: _Attachment, what: str) -> str:
     except AttachError as error:
         raise AttachError(f"{error}: {box.log_tail(log_path)}; nbdkit: "
                           f"{box.log_tail(att.dir + '/nbdkit.log')}") from error
-    att.state["loop_file"] = f"{fuse_dir}/nbd"
-    att.save()
+    att.record_pid("nbdfuse_pid", f"{att.dir}/nbdfuse.pid")
     att.state["loop"] = box.run(["losetup", "-f", "--show", f"{fuse_dir}/nbd"]
                                 ).stdout.decode().strip()
     att.save()
