@@ -28,6 +28,10 @@ TEST=(
   nbd-client=/usr/sbin/nbd-client nbdkit=/usr/bin/nbdkit libnbd-bin=/usr/bin/nbdfuse
   kmod=/usr/bin/kmod cpio=/usr/bin/cpio fuse3=/usr/bin/fusermount3 e2fsprogs=/usr/sbin/mke2fs
   procps=/usr/bin/pgrep
+  # journal replay and filesystem signatures (tests/lab/test_journal_replay.py,
+  # tests/unit/test_fs_signatures.py): the filesystems guests have, images of other types
+  xfsprogs=/usr/sbin/mkfs.xfs reiserfsprogs=/usr/sbin/mkreiserfs genisoimage=/usr/bin/genisoimage
+  squashfs-tools=/usr/bin/mksquashfs
 )
 wanted=("${DEMO[@]}")
 [ $profile = test ] && wanted+=("${TEST[@]}")

@@ -123,8 +123,8 @@ class Archiver:
         try:
             if order.snapshot is not None and order.snapshot.over_nbd:
                 # mounted here through the tunnel: tar runs on this host, not the Xen host
-                with mounted_snapshot(order.snapshot, self.hosts,
-                                      run_dir(self.settings)) as mounted:
+                with mounted_snapshot(order.snapshot, self.hosts, run_dir(self.settings),
+                                      order.source.fs_type) as mounted:
                     local = LocalExecutor()
                     command = snapshot_command(order, str(mounted), self.settings,
                                                self.probes.of(local))

@@ -1,10 +1,13 @@
 """A dm/lvm snapshot, mounted read-only on the archiver for the length of one archive.
 
-The snapshotter exports the snapshot with nbd-server on the Xen host's 127.0.0.1; the
-archiver reaches it through an SSH tunnel and mounts it (shared.nbd: the kernel nbd-client,
-else nbdfuse + `losetup -r`; `ro,noload` for ext3/4, see docs/lab.md), so tar and the
-compressor both run here. `shared.nbd.attach_export` undoes all of it on leaving, also on
-failure; `reconcile_mounts` undoes what a SIGKILLed worker left (its pid is gone).
+The snapshotter exports the snapshot read-only with nbd-server on the Xen host's
+127.0.0.1; the archiver reaches it through an SSH tunnel and mounts it through a local
+throw-away copy-on-write layer (shared.nbd: nbdkit's cow filter, then the kernel
+nbd-client or nbdfuse + `losetup`), as the inventory's filesystem type only, so the kernel
+replays the journal of the crash-consistent snapshot into the layer and nothing reaches
+the Xen host (docs/lab.md). tar and the compressor both run here. `shared.nbd.attach_export`
+undoes all of it (the layer too) on leaving, after the archive is sealed or on failure;
+`reconcile_mounts` undoes what a SIGKILLed worker left (its pid is gone).
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ def run_dir(settings: Settings) -> Path:
 
 
 @contextlib.contextmanager
-def mounted_snapshot(snapshot: SnapshotExport, hosts: HostPool,
-                     directory: Path) -> Iterator[Path]:
-    """Mount `snapshot`'s export read-only here; yield the mounted directory.
+def mounted_snapshot(snapshot: SnapshotExport, hosts: HostPool, directory: Path,
+                     fs_type: str | None) -> Iterator[Path]:
+    """Mount `snapshot`'s export here as the inventory's `fs_type`, its journal replayed
+    into a throw-away COW layer; yield the mounted (read-only) directory.
 
     Raises SnapshotInvalidatedError (already invalidated), nbd.AttachError (transient:
-    tunnel, nbd, loop or mount failed), PermanentError (no filesystem on the export), and
-    what opening the SSH connection raises.
+    tunnel, nbdkit, nbd, FUSE or loop failed), PermanentError (no fs_type, a kernel without
+    it, a device holding another filesystem, a mount the kernel refused: each names the
+    host, the export and why), and what opening the SSH connection raises.
     """
     if snapshot.invalidated:
         raise SnapshotInvalidatedError(
@@ -52,8 +57,9 @@ def mounted_snapshot(snapshot: SnapshotExport, hosts: HostPool,
     host = hosts.get(snapshot.host)
     # "local": nbd-server runs on this machine, no tunnel
     tunnel = host if isinstance(host, SSHHost) else None
-    with nbd.attach_export(tunnel, snapshot.export_name, snapshot.port,
-                           run_dir=directory) as mounted:
+    where = f"{snapshot.host}: snapshot {snapshot.snapshot_id} (export {snapshot.export_name})"
+    with nbd.attach_export(tunnel, snapshot.export_name, snapshot.port, fs_type=fs_type,
+                           run_dir=directory, where=where) as mounted:
         log.info("snapshot %s mounted at %s", snapshot.snapshot_id, mounted)
         yield mounted
 

@@ -398,28 +398,33 @@ def test_snapshot_without_driver_is_archived_as_a_directory_and_nbd_fails_clearl
     (source / "etc").mkdir(parents=True)
     (source / "etc" / "hostname").write_text("ey04-s50000\n")
 
-    def ready(request_id: str, driver: str) -> SnapshotReady:
+    def ready(request_id: str, driver: str, fs_type: str | None = "ext4") -> SnapshotReady:
         return SnapshotReady(datacenter=DC, request_id=request_id, snapshot_id=f"s-{request_id}",
                              driver=driver, host=address(sshd), port=port, size_bytes=1 << 30,  # type: ignore[arg-type]
                              export_name=f"s-{request_id}",
                              reuse_key=f"local:{request_id}",
                              source=ArchiveSource(host=address(sshd), path=str(source),
-                                                  device="/dev/vg0/ey04-s50000-root"))
+                                                  device="/dev/vg0/ey04-s50000-root",
+                                                  fs_type=fs_type))
 
     # no nbd-server listens there: the tunnel's forward is refused, the attach fails
     port = free_port()
     settings = archiver_settings(tmp_path, sshd)
     with running(settings) as service:
-        send("memory://", (ready("r1", "none"), "m-1"), (ready("r2", "dm"), "m-1"))
-        found = answers(service, ["r1", "r2"])
+        send("memory://", (ready("r1", "none"), "m-1"), (ready("r2", "dm"), "m-1"),
+             (ready("r3", "dm", fs_type=None), "m-1"))
+        found = answers(service, ["r1", "r2", "r3"])
     assert found["r1"]["type"] == "archive.completed" and found["r1"]["kind"] == "local_fs"
     copy = tmp_path / "copy"
     extract(Path(found["r1"]["path"]), copy)
     assert (copy / "etc" / "hostname").read_text() == "ey04-s50000\n"
     assert found["r2"]["type"] == "archive.failed"
-    assert found["r2"]["reason"].startswith("AttachError: nbdfuse nbd://127.0.0.1:")
+    assert found["r2"]["reason"].startswith("AttachError: local: nbdfuse nbd://127.0.0.1:")
     assert "/s-r2 exited" in found["r2"]["reason"] and not found["r2"]["will_retry"]
     assert list((settings.state_dir / "nbd").iterdir()) == []  # nothing left mounted
+    # a snapshot without the inventory's fs type is never mounted by a guessed one
+    assert found["r3"]["type"] == "archive.failed" and not found["r3"]["will_retry"]
+    assert "gives no filesystem type" in found["r3"]["reason"]
     name = Path(found["r1"]["path"]).name
     assert staged(settings) == [f"{DC}/{name}", f"{DC}/{name}.manifest.jsonl"]
 

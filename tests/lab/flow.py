@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import subprocess
 import tarfile
 import time
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import zstandard
 from sqlalchemy import select
 
 from services.snapshotter.tables import snapshot_jobs
@@ -43,12 +45,15 @@ def publish(service: Service, event: Event) -> None:
         publisher.close()
 
 
-def request(service: Service, host: str, device: str) -> str:
+def request(service: Service, host: str, device: str, fs_type: str = "ext4") -> str:
+    """Ask for a snapshot of `device` (the inventory's type `fs_type`, as the resolver
+    sends it); the request id."""
     request_id = f"r-{uuid.uuid4().hex[:8]}"
     publish(service, SnapshotRequested(
         request_id=request_id, datacenter="lab", xen_host=host, device=device, size_bytes=0,
         driver="dm", reuse_key=f"key-{request_id}",
-        source=ArchiveSource(host=host, device=device, label=f"lab:{device}")))
+        source=ArchiveSource(host=host, device=device, label=f"lab:{device}",
+                             fs_type=fs_type)))
     return request_id
 
 
@@ -81,13 +86,14 @@ def job(service: Service, request_id: str) -> Any:
             snapshot_jobs.c.request_id == request_id)).first()
 
 
-def archive(service: Service, ready: SnapshotReady, run_dir: Path) -> dict[str, str]:
+def archive(service: Service, ready: SnapshotReady, run_dir: Path,
+            fs_type: str = "ext4") -> dict[str, str]:
     """Read the snapshot through nbd over the SSH tunnel; {path in the archive: sha256}."""
     assert ready.port is not None
     hosts = host_pool(service.settings)
     try:
         with attach_export(hosts.get(ready.host), ready.export_name, ready.port,
-                           run_dir=run_dir) as mounted:
+                           fs_type=fs_type, run_dir=run_dir) as mounted:
             tar = subprocess.run(["tar", "--sort=name", "--numeric-owner", "-C", str(mounted),
                                   "-cf", "-", "."], capture_output=True, check=True, timeout=300)
     finally:
@@ -121,3 +127,43 @@ def failed(ready: SnapshotReady, released: SnapshotReleased | None, reason: str)
     return ArchiveFailed(datacenter="lab", request_id=ready.request_id, kind="local_fs",
                          reason=released.reason if invalidated and released else reason,
                          host=ready.host, will_retry=invalidated, snapshot_id=ready.snapshot_id)
+
+
+def answer(archiver: Service, request_id: str, timeout: float = 180) -> dict[str, Any]:
+    """The archiver's archive.completed / archive.failed for the request (from its outbox)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with archiver.engine.connect() as connection:
+            bodies = connection.execute(select(outbox_table.c.body).where(
+                outbox_table.c.routing_key.startswith("archive.")))
+            for body in bodies.scalars():
+                envelope = Envelope.from_json(body)
+                if envelope.type in ("archive.completed", "archive.failed"):
+                    payload = json.loads(body)["payload"]
+                    if payload["request_id"] == request_id:
+                        return {"type": envelope.type, **payload}
+        time.sleep(0.3)
+    raise AssertionError(f"no archive answer for {request_id} in {timeout}s")
+
+
+def archived_hashes(path: Path) -> dict[str, str]:
+    with path.open("rb") as compressed:
+        return tar_hashes(zstandard.ZstdDecompressor().stream_reader(compressed).read())
+
+
+def host_leftovers(run_dir: Path) -> list[str]:
+    """Mounts, loops, nbdfuse and nbdkit processes of ours still on this machine."""
+    found = [line for line in Path("/proc/mounts").read_text().splitlines()
+             if str(run_dir) in line]
+    found += [line for line in subprocess.run(["losetup", "-a"], capture_output=True,
+                                              text=True, check=True).stdout.splitlines()
+              if str(run_dir) in line]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (argv[0].endswith((b"nbdfuse", b"nbdkit"))
+                and any(str(run_dir).encode() in a for a in argv)):
+            found.append(f"{argv[0].decode()} {cmdline.parent.name}")
+    return found

@@ -32,7 +32,8 @@ def main() -> None:
     else:
         address, export, port, run_dir = sys.argv[2:6]
         host = host_pool(settings).get(address)
-        with attach_export(host, export, int(port), run_dir=Path(run_dir)) as mounted:  # type: ignore[arg-type]
+        with attach_export(host, export, int(port), fs_type="ext4",  # type: ignore[arg-type]
+                           run_dir=Path(run_dir)) as mounted:
             print(f"MOUNTED {mounted}", flush=True)
             time.sleep(3600)
 

@@ -1,11 +1,13 @@
 """The lab guest's initramfs: Debian's own binaries and kernel modules in one cpio archive.
 
 Built from this machine's packages (busybox-static, dmsetup, nbd-server, openssh-server,
-e2fsprogs, util-linux, bash, coreutils' `timeout`) and `/lib/modules/<version>`, with the
-shared libraries `ldd` names. The result is cached under /tmp, keyed by a hash of every
-input (paths, sizes, mtimes, the init script), so a rerun only boots. The per-run secrets
-(host key, authorized key) are a second small cpio appended to it: the kernel unpacks
-concatenated archives in order.
+e2fsprogs, xfsprogs, reiserfsprogs, util-linux, bash, coreutils' `timeout`, and for the
+archiver's sequence run in the guest nbdkit with its `nbd` plugin and `cow` filter and
+nbd-client) and `/lib/modules/<version>`, with the shared libraries `ldd` names (nbdkit
+dlopens its plugin and filter, so those are listed explicitly). The result is cached under
+/tmp, keyed by a hash of every input (paths, sizes, mtimes, the init script), so a rerun
+only boots. The per-run secrets (host key, authorized key) are a second small cpio
+appended to it: the kernel unpacks concatenated archives in order.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ import tempfile
 from pathlib import Path
 
 CACHE = Path(os.environ.get("FERRY_LAB_CACHE", "/tmp/ferry-lab-cache"))
-BUILDER_VERSION = "4"  # bump when the layout below changes
+BUILDER_VERSION = "5"  # bump when the layout below changes
 
 # Real tools the snapshotter runs on a Xen host; busybox gives the rest (sh, ip, sha256sum...).
 BINARIES = (
     "/usr/sbin/dmsetup", "/usr/bin/nbd-server", "/usr/sbin/sshd", "/usr/sbin/losetup",
     "/usr/sbin/mke2fs", "/usr/sbin/e2fsck", "/usr/sbin/blockdev", "/bin/bash",
     "/usr/bin/timeout", "/usr/bin/stat", "/usr/bin/truncate", "/usr/bin/pgrep",
+    # the journal tests: the filesystems a Xen guest has, and dumpe2fs to see a dirty journal
+    "/usr/sbin/dumpe2fs", "/usr/sbin/mkfs.xfs", "/usr/sbin/mkreiserfs",
+    # the archiver's COW + mount sequence, run in the guest for reiserfs (kernel nbd path)
+    "/usr/bin/nbdkit", "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-nbd-plugin.so",
+    "/usr/lib/x86_64-linux-gnu/nbdkit/filters/nbdkit-cow-filter.so", "/usr/sbin/nbd-client",
 )
 # Names these binaries also answer to (busybox would shadow them otherwise).
-ALIASES = {"/usr/sbin/mke2fs": ("/usr/sbin/mkfs.ext4",),
+ALIASES = {"/usr/sbin/mke2fs": ("/usr/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext3"),
            "/usr/sbin/e2fsck": ("/usr/sbin/fsck.ext4",)}
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "loop", "dm-mod", "dm-bufio",
-           "dm-snapshot", "nbd", "crc32c_generic", "ext4")
+           "dm-snapshot", "nbd", "crc32c_generic", "ext4", "xfs", "reiserfs")
 
 INIT = r"""#!/bin/busybox sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin

@@ -9,23 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import zstandard
-from sqlalchemy import select
 
 from services.archiver.bootstrap import bootstrap as bootstrap_archiver
 from services.snapshotter.bootstrap import bootstrap as bootstrap_snapshotter
-from shared.envelope import Envelope
-from shared.inbox_outbox import outbox_table
 from shared.runtime import Service
 from shared.settings import Settings
 from tests.lab.conftest import lab_settings
-from tests.lab.flow import request, tar_hashes, wait_event
+from tests.lab.flow import answer, archived_hashes, host_leftovers, request, wait_event
 from tests.lab.guest import Guest
 from tests.support.helpers import wait_for
 
@@ -48,45 +42,6 @@ def services(lab: Guest, tmp_path: Path) -> Iterator[tuple[Service, Service]]:
         snapshotter.stop()
         archiver.engine.dispose()
         snapshotter.engine.dispose()
-
-
-def answer(archiver: Service, request_id: str, timeout: float = 180) -> dict[str, Any]:
-    """The archiver's archive.completed / archive.failed for the request (from its outbox)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with archiver.engine.connect() as connection:
-            bodies = connection.execute(select(outbox_table.c.body).where(
-                outbox_table.c.routing_key.startswith("archive.")))
-            for body in bodies.scalars():
-                envelope = Envelope.from_json(body)
-                if envelope.type in ("archive.completed", "archive.failed"):
-                    payload = json.loads(body)["payload"]
-                    if payload["request_id"] == request_id:
-                        return {"type": envelope.type, **payload}
-        time.sleep(0.3)
-    raise AssertionError(f"no archive answer for {request_id} in {timeout}s")
-
-
-def archived_hashes(path: Path) -> dict[str, str]:
-    with path.open("rb") as compressed:
-        return tar_hashes(zstandard.ZstdDecompressor().stream_reader(compressed).read())
-
-
-def host_leftovers(run_dir: Path) -> list[str]:
-    """Mounts, loops and nbdfuse processes of ours still on this machine."""
-    found = [line for line in Path("/proc/mounts").read_text().splitlines()
-             if str(run_dir) in line]
-    found += [line for line in subprocess.run(["losetup", "-a"], capture_output=True,
-                                              text=True, check=True).stdout.splitlines()
-              if str(run_dir) in line]
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"nbdfuse") and any(str(run_dir).encode() in a for a in argv):
-            found.append(f"nbdfuse {cmdline.parent.name}")
-    return found
 
 
 def test_archiver_service_archives_a_busy_origin_snapshot_through_nbd_and_it_is_released(

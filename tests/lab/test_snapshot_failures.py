@@ -27,6 +27,7 @@ from tests.lab.flow import (
     completed,
     events,
     failed,
+    host_leftovers,
     job,
     publish,
     request,
@@ -213,13 +214,16 @@ def test_archiver_killed_while_mounted_is_cleaned_by_the_nbd_reconciler(
         if held.poll() is None:
             held.kill()
     assert mounted in Path("/proc/mounts").read_text()
-    # Then the reconciler unmounts, detaches and stops what it left
+    processes = {line.split()[0] for line in host_leftovers(run_dir)}
+    assert {"nbdfuse", "nbdkit"} <= processes  # the COW layer's nbdkit outlived its owner
+    # Then the reconciler unmounts, detaches and stops what it left (the COW layer too)
     cleaned = reconcile_mounts(run_dir)
     assert cleaned == [str(Path(mounted).parent)]
     assert str(run_dir) not in Path("/proc/mounts").read_text()
     loops = subprocess.run(["losetup", "-l", "-n", "-O", "BACK-FILE"], capture_output=True,
                            text=True, check=True).stdout
     assert str(run_dir) not in loops
+    assert host_leftovers(run_dir) == [] and list(run_dir.iterdir()) == []
     # ... and the snapshot is released as usual once the archive ends elsewhere
     publish(service, completed(ready))
     wait_event(service, "snapshot.released", request_id)
