@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \
         openssh-client rsync tar zstd pigz mariadb-client postgresql-client \
+        nbdkit libnbd-bin fuse3 util-linux kmod xfsprogs \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
