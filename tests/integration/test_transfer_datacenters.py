@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from ferry.cli import main
 from ferry.dlq import list_dead
 from services.transfer.jobs import TransferContext, TransferLeases, destination_pool, run_transfer
 from services.transfer.tables import transfers
@@ -189,3 +190,13 @@ def test_transfer_claims_count_running_transfers_per_datacenter_link(
     assert second is not None and second.datacenter == "ey04"
     assert per_dc["ey04"].claim(worker_id()) is None
     ey04.engine.dispose()
+
+
+def test_ferry_run_transfer_without_a_datacenter_is_refused_naming_the_option(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Given no FERRY_DATACENTER
+    monkeypatch.delenv("FERRY_DATACENTER", raising=False)
+    monkeypatch.setenv("FERRY_BROKER_URL", "memory://")
+    # When transfer is run without --datacenter, then it refuses before starting anything
+    assert main(["run", "transfer"]) == 1
+    assert "give --datacenter DC" in " ".join(capsys.readouterr().out.split())
