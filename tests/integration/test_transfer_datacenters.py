@@ -200,3 +200,35 @@ def test_ferry_run_transfer_without_a_datacenter_is_refused_naming_the_option(
     # When transfer is run without --datacenter, then it refuses before starting anything
     assert main(["run", "transfer"]) == 1
     assert "give --datacenter DC" in " ".join(capsys.readouterr().out.split())
+
+
+def test_jobs_recorded_before_take_their_archives_datacenter_on_upgrade(
+        make_pg_database: Callable[[], str]) -> None:
+    # Given a transfer database at the revision before, holding one job of ey02's archive
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from services.transfer import SCHEMA
+    from shared.db import make_engine, upgrade
+
+    engine = make_engine(make_pg_database())
+    config = Config()
+    config.set_main_option("script_location", str(SCHEMA.migrations))
+    config.attributes["version_table"] = "alembic_version_transfer"
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "transfer_0002")
+        connection.execute(text(
+            "INSERT INTO transfers (id, migration_id, kind, state, payload, attempts, "
+            "next_run_at, bytes_done, created_at, updated_at, archive_id, destination, "
+            "verify_failures) VALUES ('j1', 'm1', 'shared_fs', 'pending', "
+            "'{\"datacenter\": \"ey02\"}', 0, 0, 0, 0, 0, 'a1', '/d', 0)"))
+        connection.commit()
+    # When it is upgraded, then the job is ey02's: only ey02's workers claim it
+    upgrade(engine, SCHEMA)
+    with engine.connect() as connection:
+        assert connection.execute(select(transfers.c.datacenter)).scalars().all() == ["ey02"]
+    assert TransferLeases(engine, 3.0, 2, "ey04").claim(worker_id()) is None
+    assert TransferLeases(engine, 3.0, 2, "ey02").claim(worker_id()) is not None
+    engine.dispose()
