@@ -5,7 +5,7 @@ What a service's user `ferry-<service>` may do in the vhost, all read from the c
   queues exist (a passive declare needs no permission). With `configure` on its own queue
   names a service could delete them, or declare one that dead-letters into another
   service's queue and feed it through its own retry key.
-- read: its own work queue(s) (`archiver.<dc>` for every datacenter).
+- read: its own work queue(s) (`archiver.<dc>`, `transfer.<dc>` for every datacenter).
 - write: the three Ferry exchanges, never `amq.default` (which routes to any queue by name),
   narrowed by topic permissions to the routing keys it may use: on `ferry.events` the types
   it emits (the services whose code constructs the event, ferry.event_map), on
@@ -35,7 +35,13 @@ from shared.bus import declare_all
 from shared.contracts import EVENTS
 from shared.errors import ConfigurationError
 from shared.settings import SERVICES, Settings
-from shared.topology import DEAD_EXCHANGE, EVENTS_EXCHANGE, RETRY_EXCHANGE, queue_name
+from shared.topology import (
+    DATACENTER_SERVICES,
+    DEAD_EXCHANGE,
+    EVENTS_EXCHANGE,
+    RETRY_EXCHANGE,
+    queue_name,
+)
 
 USER_PREFIX = "ferry-"
 NOTHING = "^$"
@@ -46,15 +52,15 @@ class BrokerSetupError(ConfigurationError):
 
 
 def datacenter_pattern() -> str:
-    """The datacenter names the contracts accept, unanchored (`archiver.<dc>` queues)."""
+    """The datacenter names the contracts accept, unanchored (`<service>.<dc>` queues)."""
     [meta] = EVENTS["archive.completed"].model_fields["datacenter"].metadata
     return str(meta.pattern).removeprefix("^").removesuffix("$")
 
 
 def queue_pattern(service: str) -> str:
     """The service's work queue names, as an unanchored regular expression."""
-    if service == "archiver":
-        return rf"archiver\.{datacenter_pattern()}"
+    if service in DATACENTER_SERVICES:
+        return rf"{service}\.{datacenter_pattern()}"
     return re.escape(queue_name(service))
 
 
@@ -188,8 +194,8 @@ def setup(admin_url: str, settings: Settings, *, vhost: str | None, datacenters:
     (a queue with other arguments), kombu/amqp errors."""
     if not datacenters:
         raise BrokerSetupError("give --datacenter DC for every datacenter whose archivers will "
-                               "run (or FERRY_INVENTORY as a file naming them): its queue "
-                               "archiver.<DC> is declared here")
+                               "run (or FERRY_INVENTORY as a file naming them): its queues "
+                               "archiver.<DC> and transfer.<DC> are declared here")
     vhost = vhost or vhost_of(admin_url)
     if vhost not in ctl.names("list_vhosts", "name"):
         ctl("add_vhost", vhost)
@@ -237,7 +243,7 @@ broker_app = typer.Typer(no_args_is_help=True, help="The broker: each service it
 @broker_app.command("setup")
 def setup_command(
     datacenter: Annotated[list[str] | None, typer.Option(
-        "--datacenter", "-d", help="a datacenter whose archiver queue to declare "
+        "--datacenter", "-d", help="a datacenter whose archiver and transfer queues to declare "
                                    "(repeat for each; default: FERRY_INVENTORY's)")] = None,
     vhost: Annotated[str | None, typer.Option(help="default: FERRY_BROKER_URL's")] = None,
     password_file: Annotated[Path | None, typer.Option(

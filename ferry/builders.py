@@ -29,7 +29,8 @@ from shared.settings import Settings
 class Options:
     """What the caller asks of the services it starts."""
 
-    datacenters: tuple[str, ...] = ()  # one archiver per datacenter; none without any
+    # one archiver and one transfer per datacenter; none without any
+    datacenters: tuple[str, ...] = ()
     concurrency: int | None = None  # job worker threads (services with job workers)
     generate_token: bool = False  # intake: make up an API token when none is set
 
@@ -52,7 +53,8 @@ def _archiver(settings: Settings, options: Options) -> list[Service]:
 
 
 def _transfer(settings: Settings, options: Options) -> list[Service]:
-    return [transfer.bootstrap(settings, concurrency=options.concurrency)]
+    return [transfer.bootstrap(settings, datacenter=dc, concurrency=options.concurrency)
+            for dc in options.datacenters]
 
 
 BUILDERS: dict[str, Callable[[Settings, Options], list[Service]]] = {

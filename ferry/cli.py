@@ -23,7 +23,7 @@ from services.transfer import commands as transfer_commands
 from shared.bus import declare_standing
 from shared.runner import run_until_stopped
 from shared.settings import SERVICES, Settings
-from shared.topology import FIXED_QUEUES
+from shared.topology import DATACENTER_SERVICES, FIXED_QUEUES, queue_name
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Ferry: move customers from the old site to the new one.")
@@ -54,8 +54,9 @@ def run(
     service: Annotated[str, typer.Argument(help="intake, resolver, snapshotter, archiver, "
                                                 "transfer, or all (one process)")],
     datacenter: Annotated[list[str] | None, typer.Option(
-        "--datacenter", "-d", help="archiver: the datacenter whose queue to consume "
-                                   "(repeat with `all`)")] = None,
+        "--datacenter", "-d", help="archiver, transfer: the datacenter whose queue to "
+                                   "consume and staging to read (transfer and `all`: "
+                                   "repeatable, one of each per datacenter)")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="job worker threads")] = None,
     insecure_no_auth: Annotated[bool, typer.Option(
         "--insecure-no-auth", help="intake: serve the API without FERRY_API_TOKEN (loopback "
@@ -70,6 +71,9 @@ def run(
     if service == "archiver" and len(datacenters) != 1:
         raise typer.BadParameter("the archiver serves one datacenter: give --datacenter DC "
                                  "(or FERRY_DATACENTER)")
+    if service == "transfer" and not datacenters:
+        raise typer.BadParameter("transfer runs next to a datacenter's archivers and reads its "
+                                 "staging only: give --datacenter DC (or FERRY_DATACENTER)")
     names = list(SERVICES) if service == "all" else [service]
     # One process serving everything must not leave intake's API open: intake makes up a
     # token and prints it when FERRY_API_TOKEN is not set.
@@ -84,11 +88,13 @@ def dlq_list(
     queue: Annotated[str | None, typer.Argument(help="a work queue (or its .dead queue); "
                                                      "all fixed queues when omitted")] = None,
     datacenter: Annotated[list[str] | None, typer.Option(
-        "--datacenter", "-d", help="also list archiver.<DC>")] = None,
+        "--datacenter", "-d", help="also list archiver.<DC> and transfer.<DC>")] = None,
 ) -> None:
     """Show dead letters (id, type, migration, error, attempts). Nothing is consumed."""
     settings = Settings()
-    queues = [queue] if queue else [*FIXED_QUEUES, *(f"archiver.{dc}" for dc in datacenter or [])]
+    queues = [queue] if queue else [*FIXED_QUEUES, *(queue_name(service, dc)
+                                                     for dc in datacenter or []
+                                                     for service in DATACENTER_SERVICES)]
     table = Table("queue", "id", "type", "migration", "reason", "attempts", "error")
     count = 0
     for name in queues:
@@ -144,10 +150,10 @@ def topology(
     = False,
     declare: Annotated[bool, typer.Option(
         "--declare", help="declare every service's queues on FERRY_BROKER_URL (and "
-                          "archiver.<DC> for each --datacenter)")] = False,
+                          "archiver.<DC>, transfer.<DC> for each --datacenter)")] = False,
     datacenter: Annotated[list[str] | None, typer.Option(
-        "--datacenter", "-d", help="with --declare: a datacenter whose archiver queue to "
-                                   "declare (repeatable)")] = None,
+        "--datacenter", "-d", help="with --declare: a datacenter whose archiver and transfer "
+                                   "queues to declare (repeatable)")] = None,
 ) -> None:
     """Show the event map, read from the code: who emits each event, who consumes it, and
     the queues each service declares. With --declare, declare them on the broker."""

@@ -32,7 +32,7 @@ from services.transfer import handlers as transfer_handlers
 from shared import contracts
 from shared.contracts import EVENTS
 from shared.runtime import routing_keys
-from shared.topology import QueueSpec, all_queues, queue_name
+from shared.topology import DATACENTER_SERVICES, QueueSpec, all_queues, queue_name
 
 HANDLER_MODULES: dict[str, ModuleType] = {
     "intake": intake_handlers,
@@ -137,11 +137,12 @@ def event_routes() -> list[EventRoute]:
 
 
 def service_queues() -> list[ServiceQueue]:
-    """Each service's work queue and its bindings; the archiver's once, as `archiver.<dc>`."""
+    """Each service's work queue and its bindings; the per-datacenter ones (archiver,
+    transfer) once, as `<service>.<dc>`."""
     result = []
     for service, module in HANDLER_MODULES.items():
         handlers: Mapping[str, Any] = module.HANDLERS
-        datacenter = DC if service == "archiver" else None
+        datacenter = DC if service in DATACENTER_SERVICES else None
         # A queue that hears every event type is bound once, with "#" (intake.status).
         keys = ("#",) if set(handlers) >= _contract_types() else routing_keys(handlers,
                                                                            datacenter)

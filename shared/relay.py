@@ -19,7 +19,7 @@ from shared.bus import Publisher, PublishRefusedError, UnroutableError
 from shared.db import is_postgres
 from shared.failpoints import failpoint
 from shared.inbox_outbox import outbox_table
-from shared.topology import dead_queue, standing_queue, work_queue
+from shared.topology import dead_queue, standing_queues_for, work_queue
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,11 @@ class OutboxRelay:
 
     def _standing_queues(self, routing_key: str) -> list[Queue]:
         # An event for a datacenter whose workers never started would match no queue and be
-        # dropped by the exchange: declare that datacenter's queue first (once per process).
-        spec = standing_queue(routing_key)
-        if spec is None or spec.name in self._standing:
-            return []
-        self._standing.add(spec.name)
-        return [work_queue(spec, self._delivery_limit), dead_queue(spec.name)]
+        # dropped by the exchange: declare that datacenter's queues first (once per process).
+        specs = [s for s in standing_queues_for(routing_key) if s.name not in self._standing]
+        self._standing.update(spec.name for spec in specs)
+        return [queue for spec in specs
+                for queue in (work_queue(spec, self._delivery_limit), dead_queue(spec.name))]
 
     def run(self) -> None:
         publisher: Publisher | None = None

@@ -35,7 +35,9 @@ REASON_HEADER = "x-ferry-reason"
 QUEUE_HEADER = "x-ferry-queue"
 FAILED_AT_HEADER = "x-ferry-failed-at"
 
-FIXED_QUEUES = ("intake.status", "resolver", "snapshotter", "transfer")
+FIXED_QUEUES = ("intake.status", "resolver", "snapshotter")
+# The services whose work queue exists once per datacenter: `<service>.<dc>`.
+DATACENTER_SERVICES = ("archiver", "transfer")
 MAX_ATTEMPTS_HEADER = 1_000_000  # no honest count comes near: a larger one is forged
 
 
@@ -66,7 +68,9 @@ class QueueSpec:
 
 
 def queue_name(service: str, datacenter: str | None = None) -> str:
-    """`archiver.<dc>` for the archiver, `intake.status` for intake, else the service name.
+    """`archiver.<dc>` for the archiver, `transfer.<dc>` for a datacenter's transfer
+    (plain `transfer` for one serving every datacenter from one staging directory, see
+    services.transfer.bootstrap), `intake.status` for intake, else the service name.
 
     Raises ValueError when the archiver is named without a datacenter.
     """
@@ -74,29 +78,42 @@ def queue_name(service: str, datacenter: str | None = None) -> str:
         if not datacenter:
             raise ValueError("the archiver's queue needs a datacenter (--datacenter DC)")
         return f"archiver.{datacenter}"
+    if service == "transfer" and datacenter:
+        return f"transfer.{datacenter}"
     if service == "intake":
         return "intake.status"
     return service
 
 
-# Events whose consumer queue exists per datacenter: a datacenter whose archivers have not
-# started yet must still keep them, so publishers declare that queue too (see standing_queue).
-DATACENTER_QUEUES = {"archive.requested": "archiver", "snapshot.ready": "archiver"}
+# The events each per-datacenter queue takes `.<dc>`-routed: a datacenter whose archivers or
+# transfer workers have not started yet must still keep them, so publishers declare that
+# datacenter's queues too (see standing_queues_for).
+DATACENTER_QUEUES: dict[str, tuple[str, ...]] = {
+    "archiver": ("archive.requested", "snapshot.ready"),
+    "transfer": ("archive.completed", "archive.failed"),
+}
 # What those queues are bound to besides: events not routed by datacenter, which every
-# datacenter's archiver hears. Declared with the queue, so `ferry broker setup` binds them
-# for archivers whose own broker user may not.
-DATACENTER_QUEUES_ALSO = {"archiver": ("snapshot.released", "transfer.completed")}
+# datacenter's queue hears. Declared with the queue, so `ferry broker setup` binds them
+# for services whose own broker user may not.
+DATACENTER_QUEUES_ALSO = {"archiver": ("snapshot.released", "transfer.completed"),
+                          "transfer": ("migration.resolved",)}
 
 
-def standing_queue(routing_key: str) -> QueueSpec | None:
-    """The per-datacenter work queue that must exist before `routing_key` is published."""
-    event_type, _, datacenter = routing_key.rpartition(".")
-    service = DATACENTER_QUEUES.get(event_type)
-    if service is None or not datacenter:
-        return None
+def datacenter_queue(service: str, datacenter: str) -> QueueSpec:
+    """`<service>.<datacenter>` with every key it is bound to (see DATACENTER_QUEUES)."""
     return QueueSpec(queue_name(service, datacenter),
-                     (*(f"{t}.{datacenter}" for t, s in DATACENTER_QUEUES.items()
-                        if s == service), *DATACENTER_QUEUES_ALSO.get(service, ())))
+                     (*(f"{t}.{datacenter}" for t in DATACENTER_QUEUES[service]),
+                      *DATACENTER_QUEUES_ALSO.get(service, ())))
+
+
+def standing_queues_for(routing_key: str) -> list[QueueSpec]:
+    """The per-datacenter work queues that must exist before `routing_key` is published:
+    those that take it, and the datacenter's others (an archive.requested for a datacenter
+    declares its transfer queue too, before its archive.completed or migration.resolved)."""
+    event_type, _, datacenter = routing_key.rpartition(".")
+    if not datacenter or not any(event_type in types for types in DATACENTER_QUEUES.values()):
+        return []
+    return [datacenter_queue(service, datacenter) for service in DATACENTER_QUEUES]
 
 
 # Every fixed work queue and what it is bound to. Every service declares all of them at start
@@ -107,18 +124,15 @@ FIXED_BINDINGS: dict[str, tuple[str, ...]] = {
     "intake.status": ("#",),
     "resolver": ("migration.submitted",),
     "snapshotter": ("snapshot.requested", "archive.completed.*", "archive.failed.*"),
-    "transfer": ("migration.resolved", "archive.completed.*", "archive.failed.*"),
 }
 
 
 def standing_queues(datacenters: Iterable[str] = ()) -> list[QueueSpec]:
     """The queues that must exist before anything is published: the fixed ones, and the
-    archiver's queue of each datacenter named."""
+    archiver's and the transfer's queue of each datacenter named."""
     specs = [QueueSpec(name, keys) for name, keys in FIXED_BINDINGS.items()]
     for datacenter in datacenters:
-        spec = standing_queue(f"archive.requested.{datacenter}")
-        assert spec is not None  # noqa: S101 - archive.requested is routed by datacenter
-        specs.append(spec)
+        specs.extend(datacenter_queue(service, datacenter) for service in DATACENTER_QUEUES)
     return specs
 
 

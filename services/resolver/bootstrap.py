@@ -38,8 +38,9 @@ def bootstrap(settings: Settings) -> Service:
 
 
 def datacenter_queues(settings: Settings, inventory: Inventory | None) -> Callable[[], None]:
-    """A hook declaring `archiver.<dc>` for every datacenter the inventory names, so an
-    archive request for a datacenter whose archivers never ran waits in its queue. Run at
+    """A hook declaring `archiver.<dc>` and `transfer.<dc>` for every datacenter the
+    inventory names, so an archive request (and the archive) for a datacenter whose
+    archivers or transfer workers never ran waits in its queue. Run at
     start (raising fails the start) and again whenever the inventory file changed (it is
     re-read on change); each datacenter once per process. An HTTP inventory has no list of
     datacenters: the relay declares a routed event's queue as it publishes it."""
@@ -52,6 +53,6 @@ def datacenter_queues(settings: Settings, inventory: Inventory | None) -> Callab
         if new:
             declare_standing(settings.broker_url, settings, new)
             declared.update(new)
-            log.info("resolver: archiver queues declared for %s", ", ".join(new))
+            log.info("resolver: archiver and transfer queues declared for %s", ", ".join(new))
 
     return declare

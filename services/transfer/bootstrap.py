@@ -17,30 +17,41 @@ from shared.jobs import JobWorker
 from shared.retry import RetryPolicy
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
-from shared.topology import QueueSpec, queue_name
+from shared.topology import QueueSpec, datacenter_queue, queue_name
 
 NAME = "transfer"
 
 
-def bootstrap(settings: Settings, *, concurrency: int | None = None,
-              hosts: HostPool | None = None) -> Service:
-    """The transfer service, not started; `hosts` reach the destinations (by default over
-    SSH, or this machine for a local one). Raises ConfigurationError for a destination it
-    could not reach (malformed, or remote without an SSH key and known_hosts)."""
+def bootstrap(settings: Settings, *, datacenter: str | None = None,
+              concurrency: int | None = None, hosts: HostPool | None = None) -> Service:
+    """The transfer service of `datacenter` (or FERRY_DATACENTER), not started: it consumes
+    `transfer.<dc>`, sends only that datacenter's archives, from `<staging>/<dc>`, and runs
+    next to its archivers. Without a datacenter it serves every one from the whole staging
+    directory on queue `transfer` (everything on one host: in-process tests only; `ferry
+    run` always names one). `hosts` reach the destinations (by default over SSH, or this
+    machine for a local one). Raises ConfigurationError for a destination it could not
+    reach (malformed, or remote without an SSH key and known_hosts)."""
+    dc = datacenter or settings.datacenter
     destination = parse_destination(settings.destination, settings)
     if not destination.is_local:
         ssh_identity(settings)  # fail at start, not at the first archive
     units = open_database(settings, SCHEMA)
-    context = TransferContext(settings, hosts or destination_pool(settings))
+    root = settings.staging_dir.absolute()
+    context = TransferContext(settings, hosts or destination_pool(settings),
+                              staging=root / dc if dc else root)
     worker = JobWorker(
-        TransferLeases(units.engine, settings.lease_seconds, settings.transfer_max_parallel),
+        TransferLeases(units.engine, settings.lease_seconds, settings.transfer_max_parallel,
+                       dc),
         lambda lease: run_transfer(lease, context), units=units,
         # transfers have their own tiers: a cut link may take minutes to come back
         policy=RetryPolicy.exponential(settings.transfer_backoff_seconds,
                                        settings.transfer_backoff_max_seconds,
                                        settings.transfer_attempts),
-        name="transfer-jobs", fail=fail_transfer, concurrency=concurrency or settings.concurrency,
+        name=f"transfer-{dc}" if dc else "transfer-jobs", fail=fail_transfer,
+        concurrency=concurrency or settings.concurrency,
         poll_seconds=settings.job_poll_seconds, on_stop=context.stop)
-    return Service(NAME, settings, units, QueueSpec(queue_name(NAME), routing_keys(HANDLERS)),
-                   HANDLERS, deps=Receiving(destination, settings.staging_dir.absolute()),
+    spec = datacenter_queue(NAME, dc) if dc else QueueSpec(queue_name(NAME),
+                                                            routing_keys(HANDLERS))
+    return Service(NAME, settings, units, spec,
+                   HANDLERS, deps=Receiving(destination, root, dc),
                    on_failure=ON_FAILURE, workers=[worker])

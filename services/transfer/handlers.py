@@ -32,11 +32,18 @@ def transfer_id(migration_id: str, archive_id: str) -> str:
 
 @dataclass(frozen=True)
 class Receiving:
-    """What the handlers need: the destination archives go to, and this datacenter's
-    staging, the only place an archive may be sent from."""
+    """What the handlers need: the destination archives go to, and the staging root
+    (FERRY_STAGING_DIR), whose `<dc>` directory is the only place an archive of datacenter
+    `<dc>` may be sent from. `datacenter`: the one this transfer serves (None: every one,
+    from the whole staging root, all on one host)."""
 
     destination: Destination
     staging: Path
+    datacenter: str | None = None
+
+    def staging_of(self, datacenter: str) -> Path:
+        """Where an archive of `datacenter` must be staged to be sent."""
+        return self.staging if self.datacenter is None else self.staging / datacenter
 
 
 def staged(path: str, staging: Path, archive_id: str) -> Path:
@@ -92,7 +99,9 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     if not PurePosixPath(event.path).is_absolute():
         raise PermanentError(f"archive {event.archive_id}: staging path {event.path!r} "
                              "is not absolute")
-    staged(event.path, ctx.deps.staging, event.archive_id)
+    # the archive's own datacenter's staging, whichever datacenter's queue brought it: its
+    # job is claimed only by that datacenter's workers (jobs.TransferLeases)
+    staged(event.path, ctx.deps.staging_of(event.datacenter), event.archive_id)
     job_id = transfer_id(migration_id, event.archive_id)
     _refuse_another_archive(connection, migration_id, job_id, event)
     check_known(connection, event, ctx)  # after the refusals: those say more
@@ -103,7 +112,8 @@ def record_archive(event: ArchiveCompleted, ctx: Context[Receiving]) -> None:
     # the job row before the migration's lock, as the worker takes them (see ledger)
     insert_ignoring_conflicts(connection, transfers, new_job_values(
         job_id, migration_id, event.kind, payload, bytes_total=event.compressed_bytes,
-        archive_id=event.archive_id, destination=ctx.deps.destination.text, verify_failures=0))
+        archive_id=event.archive_id, destination=ctx.deps.destination.text, verify_failures=0,
+        datacenter=event.datacenter))
     ledger.lock_migration(connection, migration_id)
     ledger.put_request(connection, migration_id, event.request_id, kind=event.kind,
                        archive_id=event.archive_id, job_id=job_id, state=ledger.TRANSFERRING)

@@ -67,6 +67,12 @@ class TransferContext:
     settings: Settings
     hosts: HostPool
     stopping: threading.Event = field(default_factory=threading.Event)
+    # the only staging an attempt sends from: `<staging>/<dc>` for a datacenter's worker
+    staging: Path | None = None
+
+    @property
+    def staging_dir(self) -> Path:
+        return (self.staging or self.settings.staging_dir).absolute()
 
     def stop(self) -> None:
         """Stop the running rsyncs (at their next progress line) and close the destination
@@ -77,25 +83,35 @@ class TransferContext:
 
 class TransferLeases(Leases):
     """Leases on `transfers` that never let more than `max_parallel` transfers run at once
-    to one destination, however many workers claim."""
+    on one link, (datacenter, destination), however many workers claim. A datacenter's
+    leases claim only that datacenter's jobs: its workers can read no other staging."""
 
-    def __init__(self, engine: Engine, lease_seconds: float, max_parallel: int) -> None:
+    def __init__(self, engine: Engine, lease_seconds: float, max_parallel: int,
+                 datacenter: str | None = None) -> None:
         super().__init__(engine, transfers, lease_seconds)
         self.max_parallel = max_parallel
+        self.datacenter = datacenter
+
+    def mine(self) -> ColumnElement[bool] | None:
+        """This datacenter's jobs (None: every job, a transfer serving all datacenters)."""
+        return None if self.datacenter is None else transfers.c.datacenter == self.datacenter
 
     def room(self) -> ColumnElement[bool]:
-        """Jobs whose destination runs fewer than max_parallel live (unexpired) transfers."""
+        """Jobs whose link runs fewer than max_parallel live (unexpired) transfers."""
         busy = transfers.alias("busy")
-        full = (select(busy.c.destination)
-                .where(busy.c.state == RUNNING, busy.c.lease_expires_at >= time.time())
+        live = [busy.c.state == RUNNING, busy.c.lease_expires_at >= time.time()]
+        if self.datacenter is not None:  # this datacenter's link to each destination
+            live.append(busy.c.datacenter == self.datacenter)
+        full = (select(busy.c.destination).where(*live)
                 .group_by(busy.c.destination).having(func.count() >= self.max_parallel))
         return transfers.c.destination.not_in(full)
 
     def claim(self, owner: str, where: ColumnElement[bool] | None = None) -> Row[Any] | None:
-        """Claim as Leases does, within the per-destination limit. On PostgreSQL, claims
-        take turns on an advisory lock: two claims counting the same running jobs at once
-        could both see room for one more. SQLite's BEGIN IMMEDIATE serialises them anyway."""
-        room = self.room() if where is None else and_(self.room(), where)
+        """Claim as Leases does, this datacenter's jobs only, within the per-link limit. On
+        PostgreSQL, claims take turns on an advisory lock: two claims counting the same
+        running jobs at once could both see room for one more. SQLite's BEGIN IMMEDIATE
+        serialises them anyway."""
+        room = and_(*(c for c in (self.room(), self.mine(), where) if c is not None))
         if not is_postgres(self.engine):
             return super().claim(owner, room)
         with self.engine.connect() as lock:  # held until this transaction ends, however
@@ -115,8 +131,7 @@ def run_transfer(lease: Lease, ctx: TransferContext) -> Outcome:
     remote = destination.file_path(job.migration_id, job.payload["file_name"])
     attempt = Attempt.start(lease)
     try:
-        check_source(source, size, job.payload["sha256"], job.archive_id,
-                     settings.staging_dir.absolute())
+        check_source(source, size, job.payload["sha256"], job.archive_id, ctx.staging_dir)
         host = ctx.hosts.get(job.destination)
         host.run(["mkdir", "-p", "--", posixpath.dirname(remote)],
                  timeout=settings.ssh_connect_timeout + 30)

@@ -1,7 +1,7 @@
 """The transfer service's own tables (the inbox and outbox come from shared.inbox_outbox).
 
 - `transfers`: one leased job per archive per migration (two requests sharing an archive
-  share its transfer);
+  share its transfer), of the archive's datacenter;
 - `transfer_requests`: every archive request of a migration, expected from
   migration.resolved, linked to its transfer once archive.completed names the archive;
 - `transfer_migrations`: per migration, whether it was resolved and when it completed or
@@ -35,9 +35,14 @@ transfers = job_table(
     Column("mb_per_s", Float, nullable=True),
     Column("eta_seconds", Float, nullable=True),
     Column("verify_failures", Integer, nullable=False, default=0),
+    # the archive's: only that datacenter's workers read its staging (None: recorded by a
+    # transfer serving every datacenter from one staging directory)
+    Column("datacenter", String(64), nullable=True),
 )
-# the claim filter counts running transfers per destination
 Index("ix_transfers_destination_state", transfers.c.destination, transfers.c.state)
+# the claim filter counts running transfers per (datacenter, destination) link
+Index("ix_transfers_datacenter_destination_state", transfers.c.datacenter,
+      transfers.c.destination, transfers.c.state)
 
 transfer_migrations = Table(
     "transfer_migrations", metadata,

@@ -16,6 +16,7 @@ from tests.support.processes import ROOT, ChildProcess, stop_all
 
 SERVICES = ("intake", "resolver", "snapshotter", "transfer")
 READY = "Ctrl-C stops"  # what `ferry run` prints once its services started
+PER_DATACENTER = {"archiver", "transfer"}  # run with --datacenter (and `all`, for its own)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Pipeline:
             self.processes[name].restart()
             return
         service = name.split("-")[0]
-        extra = ["--datacenter", self.datacenter] if service == "archiver" else []
+        extra = ["--datacenter", self.datacenter] if service in PER_DATACENTER else []
         self.processes[name] = ChildProcess.ferry("run", service, *extra, env=self.env)
 
     def start_all(self) -> None:
@@ -74,7 +75,8 @@ class Pipeline:
         earlier = self.processes.get(name)
         assert earlier is None or not earlier.running, f"{name} is still running"
         service = name.split("-")[0]  # `all`: every service in this one process
-        extra = ["--datacenter", self.datacenter] if service in {"archiver", "all"} else []
+        extra = (["--datacenter", self.datacenter] if service in {*PER_DATACENTER, "all"}
+                 else [])
         self.processes[name] = ChildProcess.ferry(
             "run", service, *extra, env={**self.env, **(extra_env or {})},
             log=earlier.log_path if earlier is not None else None)

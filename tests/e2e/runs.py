@@ -116,7 +116,8 @@ def run_migration(site: tuple[Path, str], rabbit_url: str,
         staged = sorted(p.name for p in (workdir / "staging").rglob("*") if p.is_file())
         # each archive and its manifest
         assert len(staged) == 2 * ARCHIVES and not [n for n in staged if "partial" in n], staged
-        for queue in [*FIXED_QUEUES, f"archiver.{run.pipeline.datacenter}"]:
+        for queue in [*FIXED_QUEUES, f"archiver.{run.pipeline.datacenter}",
+                      f"transfer.{run.pipeline.datacenter}"]:
             assert list_dead(rabbit_url, queue) == [], (queue, run.notes)
         return run
     finally:

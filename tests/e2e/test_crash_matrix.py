@@ -35,7 +35,7 @@ from services.transfer.tables import transfers
 from shared.embedded_broker import embedded_url
 from shared.failpoints import ENV, POINTS, SCOPED
 from shared.settings import SERVICES
-from shared.topology import FIXED_QUEUES
+from shared.topology import DATACENTER_SERVICES, FIXED_QUEUES
 from tests.e2e.checks import (
     assert_once,
     check_destination,
@@ -164,7 +164,7 @@ class OnPipeline:
         return self.pipeline.status(client, migration_id)
 
     def dead_letters(self) -> dict[str, list[Any]]:
-        queues = [*FIXED_QUEUES, f"archiver.{self.pipeline.datacenter}"]
+        queues = [*FIXED_QUEUES, *(f"{s}.{self.pipeline.datacenter}" for s in DATACENTER_SERVICES)]
         return {queue: list_dead(self.broker_url, queue) for queue in queues}
 
     def tail(self) -> str:

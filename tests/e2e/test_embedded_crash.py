@@ -201,7 +201,7 @@ def test_run_all_killed_at_every_stage_completes_every_migration(
         assert_once({name: f"sqlite:///{workdir}/state/{name}.sqlite3"
                      for name in ("archiver", "transfer")}, 7)
         broker = embedded_url(workdir / "state")
-        for queue in [*FIXED_QUEUES, "archiver.ey04"]:
+        for queue in [*FIXED_QUEUES, "archiver.ey04", "transfer.ey04"]:
             assert list_dead(broker, queue) == [], queue
         assert len(kills) == 4, kills
     finally:

@@ -68,7 +68,7 @@ class Broker:
         """Empty every queue (what one test published must not reach the next)."""
         with connect(self.admin_url) as connection:
             channel = connection.channel()
-            for queue in [*FIXED_QUEUES, f"archiver.{DC}"]:
+            for queue in [*FIXED_QUEUES, f"archiver.{DC}", f"transfer.{DC}"]:
                 for name in (queue, f"{queue}.dead"):
                     channel.queue_purge(name)
             channel.close()
@@ -150,7 +150,7 @@ def test_a_migration_runs_with_every_service_on_its_own_user(
         jobs = jobs_of(urls["intake"], migration_id)
         assert check_destination(workdir / "destination" / migration_id, jobs, database,
                                  tmp_path / "scratch") == 7
-        for queue in [*FIXED_QUEUES, f"archiver.{DC}"]:
+        for queue in [*FIXED_QUEUES, f"archiver.{DC}", f"transfer.{DC}"]:
             assert list_dead(broker.admin_url, queue) == [], queue
         # And no service had a publish refused on the way (the relay logs each one)
         logs = "".join(process.log() for process in pipeline.processes.values())
@@ -198,11 +198,12 @@ def test_the_relay_keeps_a_refused_row_loudly_and_publishes_the_rows_behind_it(
 def test_a_service_user_reaches_no_other_service_queue(broker: Broker) -> None:
     resolver = broker.url("resolver")
     forged = completed().to_json()
+    transfer = f"transfer.{DC}"
     # Not through the default exchange (straight into transfer's queue by its name) ...
-    assert try_publish(resolver, "transfer", DEFAULT_EXCHANGE, forged) is PublishRefusedError
+    assert try_publish(resolver, transfer, DEFAULT_EXCHANGE, forged) is PublishRefusedError
     # ... nor another queue's retry or dead-letter keys
-    for exchange, key in [(RETRY_EXCHANGE, "transfer.retry.500ms"), (RETRY_EXCHANGE, "transfer"),
-                          (DEAD_EXCHANGE, "transfer"), (DEAD_EXCHANGE, "archiver.ey04")]:
+    for exchange, key in [(RETRY_EXCHANGE, f"{transfer}.retry.500ms"), (RETRY_EXCHANGE, transfer),
+                          (DEAD_EXCHANGE, transfer), (DEAD_EXCHANGE, "archiver.ey04")]:
         assert try_publish(resolver, key, exchange, forged) is PublishRefusedError, key
     # (control: its own keys are allowed; nothing is bound for these two, so they come back)
     assert try_publish(resolver, "resolver.retry.7ms", RETRY_EXCHANGE) is UnroutableError
@@ -210,7 +211,7 @@ def test_a_service_user_reaches_no_other_service_queue(broker: Broker) -> None:
         UnroutableError)
     # Nor may it read another service's queue, or delete one
     with Connection(resolver) as connection:
-        for action in (lambda c: c.basic_get("transfer"), lambda c: c.queue_delete("transfer"),
+        for action in (lambda c: c.basic_get(transfer), lambda c: c.queue_delete(transfer),
                        lambda c: c.queue_declare("resolver.mine", durable=True)):
             channel = connection.channel()
             with pytest.raises(connection.channel_errors, match="ACCESS_REFUSED"):
@@ -221,14 +222,15 @@ def test_a_service_user_reaches_no_other_service_queue(broker: Broker) -> None:
 
 def test_the_archivers_forgeries_are_dead_lettered_and_the_verified_copy_stays(
         broker: Broker, tmp_path: Path, services: list[Service]) -> None:  # noqa: F811
-    # Given transfer on its own user, and a migration whose archive a1 arrived verified
-    staging = tmp_path / "staging"
-    staging.mkdir()
+    # Given transfer of datacenter DC on its own user (its queue transfer.<DC>, which setup
+    # declared), and a migration whose archive a1 arrived verified
+    staging = tmp_path / "staging" / DC
+    staging.mkdir(parents=True)
     settings = Settings(broker_url="amqp://nobody:wrong@127.0.0.1:5672/none",
                         transfer_broker_url=broker.url("transfer"), retry_delays=RETRY,
-                        state_dir=tmp_path / "state", staging_dir=staging,
+                        state_dir=tmp_path / "state", staging_dir=staging.parent,
                         outbox_poll_seconds=0.1, job_poll_seconds=0.1)
-    service = start(settings, services)
+    service = start(settings, services, datacenter=DC)
     source, digest = make_archive(staging, 1 * MiB)
     migration = Migration(broker.url("resolver"))
     migration.resolve("r1")
@@ -257,7 +259,7 @@ def test_the_archivers_forgeries_are_dead_lettered_and_the_verified_copy_stays(
     ids = {str(e.id) for e in forgeries}
 
     def ours() -> list[str]:
-        return [letter.reason for letter in list_dead(broker.admin_url, "transfer")
+        return [letter.reason for letter in list_dead(broker.admin_url, f"transfer.{DC}")
                 if letter.id in ids]
 
     wait_for(lambda: len(ours()) == 2, what="both forgeries dead-lettered")

@@ -41,11 +41,13 @@ def test_compose_will_not_start_intake_without_a_token() -> None:
 def test_compose_runs_every_service_after_healthy_broker_and_database() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    for name in ("intake", "resolver", "snapshotter", "transfer"):
+    for name in ("intake", "resolver", "snapshotter"):
         assert services[name]["command"][:2] == ["run", name]
     archivers = [s for s in services.values() if s.get("command", [""])[:2] == ["run",
                                                                                "archiver"]]
     assert len(archivers) == 2
+    assert len([s for s in services.values() if s.get("command", [""])[:2] == [
+        "run", "transfer"]]) == 2
     for name in ("rabbitmq", "postgres"):
         assert "healthcheck" in services[name]
     for service in (*archivers, services["resolver"]):
@@ -81,7 +83,7 @@ def test_compose_will_not_start_without_each_broker_password(missing: str) -> No
 def test_each_service_connects_as_its_own_broker_user_and_sees_no_other() -> None:
     services = _resolved()
     ferry = {name: s for name, s in services.items() if s.get("command", [""])[0] == "run"}
-    assert len(ferry) == 6, sorted(ferry)
+    assert len(ferry) == 7, sorted(ferry)
     for name, service in ferry.items():
         own = service["command"][1]
         broker = {k: v for k, v in service["environment"].items() if "BROKER" in k}
@@ -100,8 +102,54 @@ def test_broker_setup_declares_every_archivers_datacenter_as_the_admin() -> None
     declared = {command[i + 1] for i, word in enumerate(command) if word == "--datacenter"}
     archivers = {s["command"][s["command"].index("--datacenter") + 1]
                  for s in services.values() if s.get("command", [""])[:2] == ["run", "archiver"]}
-    assert declared == archivers == {"ey04", "ey02"}
+    transfers = {s["command"][s["command"].index("--datacenter") + 1]
+                 for s in services.values() if s.get("command", [""])[:2] == ["run", "transfer"]}
+    assert declared == archivers == transfers == {"ey04", "ey02"}
     assert setup["environment"]["FERRY_BROKER_URL"] == "amqp://ferry:admin@rabbitmq:5672/ferry"
     assert all(setup["environment"][f"FERRY_{s.upper()}_BROKER_PASSWORD"] == f"pw-{s}"
                for s in SERVICES)
     assert setup["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+
+
+def _datacenter_of(service: dict[str, Any]) -> str | None:
+    command = service.get("command", [])
+    return command[command.index("--datacenter") + 1] if "--datacenter" in command else None
+
+
+def _staging_volumes(service: dict[str, Any]) -> set[tuple[str, str]]:
+    """(volume, where) of each volume a resolved service mounts under /staging (docker-compose
+    v1 resolves them to `source:target:mode` strings, v2 to mappings)."""
+    found = set()
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *_ = volume.split(":")
+        else:
+            source, target = volume["source"], volume["target"]
+        if target.startswith("/staging"):
+            found.add((source, target))
+    return found
+
+
+def test_each_datacenter_is_one_archiving_host_group_sharing_only_its_own_staging() -> None:
+    # Given the resolved deployment
+    services = _resolved()
+    groups: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for volume, target in _staging_volumes(service):
+            groups.setdefault(volume, set()).add(name)
+            # mounted where the archiver writes and the transfer reads: <staging>/<dc>
+            dc = volume.removeprefix("staging-")
+            assert target == f"{service['environment']['FERRY_STAGING_DIR']}/{dc}", name
+    # Then each datacenter's staging volume is mounted by its archivers and its transfer
+    # worker, each serving that datacenter, on its archiving host, and by nothing else
+    assert groups == {"staging-ey04": {"archiver-ey04", "transfer-ey04"},
+                      "staging-ey02": {"archiver-ey02", "transfer-ey02"}}
+    for volume, names in groups.items():
+        dc = volume.removeprefix("staging-")
+        for name in names:
+            assert _datacenter_of(services[name]) == dc, name
+            assert services[name]["labels"]["ferry.archiving-host"] == dc, name
+    # and every archiver or transfer is in one group (none reads a shared staging)
+    workers = {name for name, s in services.items()
+               if s.get("command", ["", ""])[1:2] in (["archiver"], ["transfer"])}
+    assert workers == set().union(*groups.values())

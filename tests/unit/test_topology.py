@@ -25,12 +25,12 @@ from shared.topology import (
     all_queues,
     queue_name,
     standing_queues,
+    standing_queues_for,
 )
 
 
 @pytest.mark.parametrize("service, handlers", [
-    ("resolver", resolver.HANDLERS), ("snapshotter", snapshotter.HANDLERS),
-    ("transfer", transfer.HANDLERS)])
+    ("resolver", resolver.HANDLERS), ("snapshotter", snapshotter.HANDLERS)])
 def test_each_fixed_queue_is_bound_as_its_consumer_binds_it(service: str,
                                                             handlers: dict[str, object]) -> None:
     assert set(FIXED_BINDINGS[queue_name(service)]) == set(routing_keys(handlers))
@@ -45,6 +45,30 @@ def test_a_datacenters_standing_queue_takes_what_its_archiver_is_sent() -> None:
     # every key its archiver binds, those not routed by datacenter too (snapshot.released,
     # transfer.completed): an archiver whose user may not bind them relies on these
     assert set(spec.routing_keys) == set(routing_keys(archiver.HANDLERS, "ey04"))
+
+
+def test_a_datacenters_transfer_queue_takes_its_archives_and_every_plan() -> None:
+    # Given the queues standing for two datacenters
+    specs = {s.name: s for s in standing_queues(["ey04", "ey02"])}
+    # Then each datacenter has its own transfer queue, bound as its worker binds it: its own
+    # archives' ends, and migration.resolved (not routed by datacenter) on each
+    assert "transfer" not in specs
+    for dc in ("ey04", "ey02"):
+        spec = specs[f"transfer.{dc}"]
+        assert spec.name == queue_name("transfer", dc)
+        assert set(spec.routing_keys) == set(routing_keys(transfer.HANDLERS, dc)) == {
+            f"archive.completed.{dc}", f"archive.failed.{dc}", "migration.resolved"}
+    # and never the other datacenter's archives
+    assert "archive.completed.ey02" not in specs["transfer.ey04"].routing_keys
+
+
+def test_publishing_a_datacenters_event_declares_both_of_its_queues_first() -> None:
+    # an archive.completed for a datacenter whose transfer worker never ran waits in its queue
+    for key in ("archive.requested.ey02", "archive.completed.ey02", "archive.failed.ey02",
+                "snapshot.ready.ey02"):
+        assert {s.name for s in standing_queues_for(key)} == {"archiver.ey02", "transfer.ey02"}
+    assert standing_queues_for("migration.resolved") == []
+    assert standing_queues_for("transfer.completed") == []
 
 
 # -- each service's broker user (ferry/broker.py) --------------------------------------------
@@ -68,7 +92,7 @@ def test_each_user_may_publish_exactly_the_events_its_code_emits() -> None:
 
 def test_each_user_may_touch_only_its_own_queues_and_never_the_default_exchange() -> None:
     queues = {"intake": "intake.status", "resolver": "resolver", "snapshotter": "snapshotter",
-              "archiver": "archiver.ey04", "transfer": "transfer"}
+              "archiver": "archiver.ey04", "transfer": "transfer.ey04"}
     for service, own in queues.items():
         rights = grant(service)
         topics = dict(rights.topics)
