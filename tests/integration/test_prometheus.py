@@ -128,6 +128,11 @@ def made_by(run: Run) -> dict[str, float]:
             "transferred_bytes": float(sent)}
 
 
+def json_lines(log: str) -> list[dict[str, Any]]:
+    """The JSON lines of a process's log (its stdout's lines are not JSON)."""
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
 QUERIES = {
     "archives": "sum(ferry_archives_total)",
     "archived_bytes": "sum(ferry_archived_bytes_total)",
@@ -150,9 +155,10 @@ def test_prometheus_scrapes_every_service_and_counts_the_migrations_archives(
         targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
         targets["intake"] = run.pipeline.env["FERRY_INTAKE_BIND"]
         holder.append(Prometheus(targets))
+        # (and logging JSON lines)
         for name in [*PIPELINE, "archiver-1", "archiver-2"]:
-            run.pipeline.spawn(name, {} if name == "intake" else {
-                "FERRY_METRICS_PORT": str(ports[name])})
+            run.pipeline.spawn(name, {"FERRY_LOG_FORMAT": "json", **({} if name == "intake" else {
+                "FERRY_METRICS_PORT": str(ports[name])})})
         for process in run.pipeline.processes.values():
             process.wait_ready(READY)
         run.pipeline.wait_for_api()
@@ -192,7 +198,8 @@ def test_prometheus_scrapes_every_service_and_counts_the_migrations_archives(
 
     started = time.monotonic()
     try:
-        run_migration(site, rabbit_url, make_pg_database, tmp_path, start=start, disturb=watch)
+        run = run_migration(site, rabbit_url, make_pg_database, tmp_path, start=start,
+                            disturb=watch)
     finally:
         for prometheus in holder:
             prometheus.stop()
@@ -207,6 +214,15 @@ def test_prometheus_scrapes_every_service_and_counts_the_migrations_archives(
     # And the relay caught up, nothing was dead-lettered, messages were aged when handled
     assert scraped["backlog"] == 0 and scraped["dead"] in (None, 0.0), scraped
     assert scraped["age"] and scraped["age"] > 0, scraped
+    # And the archivers' JSON log lines name the migration, the job and the datacenter
+    sealed = [line for name in ("archiver-1", "archiver-2")
+              for line in json_lines(run.pipeline.processes[name].log())
+              if line["message"].startswith("archive ")
+              and " sealed: " in line["message"]]
+    assert len(sealed) == ARCHIVES, sealed
+    for line in sealed:
+        assert line["migration_id"] == run.migration_id and line["datacenter"] == "ey04", line
+        assert line["message"].startswith(f"archive {line['job_id']} sealed"), line
     print(f"[prometheus] {scraped}; {time.monotonic() - started:.1f}s")
 
 
