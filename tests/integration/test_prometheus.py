@@ -22,13 +22,21 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from ferry.demo_site import build_site, drop_database
+from ferry.dlq import list_dead
 from ferry.loopback_sshd import free_port
 from services.archiver.tables import archive_jobs
 from services.transfer.tables import transfers
+from shared import metrics
+from shared.runtime import Service
 from shared.settings import SERVICES
 from tests.e2e.harness import READY, pipeline_env
 from tests.e2e.harness import SERVICES as PIPELINE
 from tests.e2e.runs import ARCHIVES, Run, run_migration
+from tests.integration.test_backbone import (  # noqa: F401 - `running` is the fixture
+    echo_envelope,
+    publish,
+    running,
+)
 from tests.support.helpers import wait_for
 from tests.support.processes import ChildProcess, stop_all
 
@@ -249,3 +257,29 @@ def test_a_service_without_a_metrics_port_is_a_target_down_with_no_series(
     finally:
         stop_all(started)
         prometheus.stop()
+
+
+def test_retries_and_dead_letters_are_counted_by_queue_and_reason(
+        running: Service) -> None:  # noqa: F811 - the imported fixture
+    """In-process, on each backbone (test_backbone's `running` echo service, 3 attempts)."""
+    queue = running.queue.name
+    url = running.settings.broker_url
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    errors = sample("ferry_handler_errors_total", service="echo", type="test.echo")
+    # When one message fails transiently every time, and one fails for good
+    publish(url, echo_envelope("flaky", fail="transient"))
+    publish(url, echo_envelope("doomed", fail="permanent"))
+    # (counted just after the dead letter is published: wait for the counts themselves)
+    wait_for(lambda: sample("ferry_dead_letters_total", queue=queue, reason="attempts")
+             + sample("ferry_dead_letters_total", queue=queue, reason="permanent") == 2,
+             what="both dead letters counted")
+    assert len(list_dead(url, queue)) == 2
+    # Then the flaky one was retried twice and dead-lettered after its attempts, the doomed
+    # one dead-lettered at once; every failed handler call was counted
+    assert sample("ferry_message_retries_total", queue=queue) == 2
+    assert sample("ferry_dead_letters_total", queue=queue, reason="attempts") == 1
+    assert sample("ferry_dead_letters_total", queue=queue, reason="permanent") == 1
+    assert sample("ferry_handler_errors_total", service="echo", type="test.echo") == errors + 4
