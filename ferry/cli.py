@@ -20,6 +20,7 @@ from services.intake import commands as intake_commands
 from services.resolver import commands as resolver_commands
 from services.snapshotter import commands as snapshotter_commands
 from services.transfer import commands as transfer_commands
+from shared import logs
 from shared.bus import declare_standing
 from shared.runner import run_until_stopped
 from shared.settings import SERVICES, Settings
@@ -65,6 +66,7 @@ def run(
     """Run one service (or all of them in this process) until interrupted."""
     _check_service(service, allow_all=True)
     settings = Settings()
+    logs.configure(settings.log_format)  # before the services are built: their warnings too
     if insecure_no_auth:
         settings = settings.model_copy(update={"insecure_no_auth": True})
     datacenters = list(datacenter or ([settings.datacenter] if settings.datacenter else []))

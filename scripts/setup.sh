@@ -32,6 +32,7 @@ TEST=(
   # tests/unit/test_fs_signatures.py): the filesystems guests have, images of other types
   xfsprogs=/usr/sbin/mkfs.xfs reiserfsprogs=/usr/sbin/mkreiserfs genisoimage=/usr/bin/genisoimage
   squashfs-tools=/usr/bin/mksquashfs
+  prometheus=/usr/bin/prometheus  # tests/integration/test_prometheus.py scrapes every service
 )
 wanted=("${DEMO[@]}")
 [ $profile = test ] && wanted+=("${TEST[@]}")

@@ -30,7 +30,7 @@ from typing import Any
 from kombu import Connection, Consumer, Message, Producer, Queue
 from kombu.mixins import ConsumerMixin
 
-from shared import embedded_broker
+from shared import embedded_broker, metrics
 from shared.contracts import Event
 from shared.db import is_unreachable
 from shared.envelope import Envelope
@@ -410,6 +410,7 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
                                 routing_key=self.spec.name, headers=headers,
                                 content_encoding="binary")
         message.ack()
+        metrics.dead_letters.labels(self.spec.name, reason).inc()
 
     def _retry(self, message: Message, attempts: int, error: str) -> None:
         delay = self.policy.tier(attempts)
@@ -422,6 +423,7 @@ class ServiceConsumer(ConsumerMixin):  # type: ignore[misc]
         else:
             self._later(delay, raw_body(message), headers)
         message.ack()
+        metrics.message_retries.labels(self.spec.name).inc()
 
     def _later(self, delay: float, body: bytes, headers: dict[str, Any]) -> None:
         # memory:// has no TTL: time the retry here (the in-memory broker dies with us anyway).

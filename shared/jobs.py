@@ -40,6 +40,7 @@ from sqlalchemy import (
     update,
 )
 
+from shared import logs, metrics
 from shared.errors import LeaseLostError, PermanentError, ServiceStoppingError
 from shared.failpoints import failpoint
 from shared.inbox_outbox import UnitOfWork, Units
@@ -48,6 +49,15 @@ from shared.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+_RETRIED, _WAITING = "retried", "waiting"  # given back, after a failed attempt / without one
+
+
+def _datacenter(job: Row[Any]) -> str | None:
+    """The job's datacenter: its column, else its payload's (None where it has neither)."""
+    value = job._mapping.get("datacenter")
+    if value is None and isinstance(job.payload, Mapping):
+        value = job.payload.get("datacenter")
+    return None if value is None else str(value)
 
 
 def job_table(name: str, metadata: MetaData, *extra: Column[Any]) -> Table:
@@ -249,7 +259,8 @@ class JobWorker:
                  policy: RetryPolicy, name: str, fail: FailureHook | None = None,
                  concurrency: int = 1, poll_seconds: float = 1.0,
                  where: Callable[[], ColumnElement[bool] | None] | None = None,
-                 on_stop: Callable[[], None] | None = None) -> None:
+                 on_stop: Callable[[], None] | None = None,
+                 on_done: Callable[[Lease, Done], None] | None = None) -> None:
         self.leases = leases
         self.work = work
         self.units = units
@@ -260,6 +271,7 @@ class JobWorker:
         self.poll_seconds = poll_seconds
         self.where = where
         self.on_stop = on_stop
+        self.on_done = on_done  # after a Done committed: the service's metrics
         self.service: str | None = None  # the service running it (set by runtime.Service)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -275,7 +287,13 @@ class JobWorker:
             return False
         # claimed and nothing done: taken over when it expires
         failpoint("jobs.after_claim", scope=self.service)
-        lease = Lease(self.leases, job, owner, self.units)
+        with logs.context(job_id=str(job.id), migration_id=str(job.migration_id),
+                          datacenter=_datacenter(job)):
+            self._run(Lease(self.leases, job, owner, self.units))
+        return True
+
+    def _run(self, lease: Lease) -> None:
+        job = lease.job
         beating = threading.Event()
         beat_every = max(0.2, self.leases.lease_seconds / 3)
 
@@ -295,14 +313,13 @@ class JobWorker:
                 outcome = self.work(lease)
             except LeaseLostError as error:
                 log.warning("%s: %s", self.name, error)
-                return True
+                return
             except Exception as error:  # noqa: BLE001 - the outcome decides what it means
                 outcome = outcome_of(error)
             self.settle(lease, outcome)
         finally:
             beating.set()
             beater.join(timeout=5)
-        return True
 
     def settle(self, lease: Lease, outcome: Outcome) -> None:
         """Apply an outcome to the leased job in one transaction. A lease lost meanwhile
@@ -317,12 +334,30 @@ class JobWorker:
                 record=outcome.record)
         try:
             with self.units() as uow:
-                self._apply(lease, outcome, uow)
+                applied = self._apply(lease, outcome, uow)
                 uow.commit()
         except LeaseLostError as error:
             log.warning("%s: %s", self.name, error)
+            return
+        self._count(lease, outcome, applied)
 
-    def _apply(self, lease: Lease, outcome: Outcome, uow: UnitOfWork) -> None:
+    def _count(self, lease: Lease, outcome: Outcome, applied: str) -> None:
+        """The metrics of a committed outcome (`applied`: what _apply wrote)."""
+        labels = (self.service or self.name, _datacenter(lease.job) or "", str(lease.job.kind))
+        if applied == FAILED:
+            metrics.job_failures.labels(*labels).inc()
+        elif applied == _RETRIED:
+            metrics.job_retries.labels(*labels).inc()
+        elif isinstance(outcome, Done) and self.on_done is not None:
+            try:
+                self.on_done(lease, outcome)
+            except Exception as error:  # noqa: BLE001 - committed: a metric must not undo it
+                log.warning("%s: job %s: its metrics failed: %s", self.name, lease.job_id,
+                            error)
+
+    def _apply(self, lease: Lease, outcome: Outcome, uow: UnitOfWork) -> str:
+        """Write the outcome; returns the state written, or _RETRIED / _WAITING for a job
+        given back after a failed attempt / without one."""
         connection = uow.connection
         if isinstance(outcome, Failed):
             error = outcome.error if isinstance(outcome.error, BaseException) else (
@@ -330,26 +365,25 @@ class JobWorker:
             log.error("%s: job %s failed: %s", self.name, lease.job_id, error)
             turned = self.fail(lease, error, uow) if self.fail is not None else None
             if isinstance(turned, RetryIn):
-                self._give_back(lease, turned, uow)
-                return
+                return self._give_back(lease, turned, uow)
             values = {**outcome.values, **(turned.values if turned is not None else {})}
             self.leases.finish(connection, lease.job_id, lease.owner, state=FAILED,
                                error=str(error)[-4000:], **values)
             for record in (outcome.record, turned.record if turned is not None else None):
                 if record is not None:
                     record(uow)
-            return
+            return FAILED
         if isinstance(outcome, RetryIn):
-            self._give_back(lease, outcome, uow)
-            return
+            return self._give_back(lease, outcome, uow)
         values = dict(outcome.values)
         if outcome.result is not None:
             values["result"] = outcome.result
         self.leases.finish(connection, lease.job_id, lease.owner, state=outcome.state, **values)
         if outcome.record is not None:
             outcome.record(uow)
+        return outcome.state
 
-    def _give_back(self, lease: Lease, retry: RetryIn, uow: UnitOfWork) -> None:
+    def _give_back(self, lease: Lease, retry: RetryIn, uow: UnitOfWork) -> str:
         attempts = int(lease.job.attempts)
         if retry.restart:
             attempts = 0
@@ -365,6 +399,7 @@ class JobWorker:
                            attempts=attempts, **retry.values)
         if retry.record is not None:
             retry.record(uow)
+        return _RETRIED if retry.counts_as_attempt and not retry.restart else _WAITING
 
     def _loop(self) -> None:
         owner = worker_id()

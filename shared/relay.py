@@ -15,6 +15,7 @@ import time
 from kombu import Queue
 from sqlalchemy import Engine, select, update
 
+from shared import metrics
 from shared.bus import Publisher, PublishRefusedError, UnroutableError
 from shared.db import is_postgres
 from shared.failpoints import failpoint
@@ -78,6 +79,7 @@ class OutboxRelay:
                 connection.execute(
                     update(t).where(t.c.seq.in_(sent)).values(published_at=time.time()))
         self.published += len(sent)
+        metrics.outbox_published.labels(self._name).inc(len(sent))
         return len(sent)
 
     def _hold(self, seq: int, routing_key: str, error: Exception, now: float) -> None:

@@ -9,19 +9,24 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from shared import logs, metrics
 from shared.runtime import Service
 from shared.settings import Settings
 
 
 def run_until_stopped(services: Sequence[Service], settings: Settings) -> int:
     """Start `services`, say so on stdout (`running <queues> on <broker>`), wait for SIGTERM
-    or SIGINT, stop them in order. Returns the exit status (0). Raises what start() raises."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    or SIGINT, stop them in order. Logs in FERRY_LOG_FORMAT; serves the metrics of all of
+    them on one port when one is set (shared.metrics.serve). Returns the exit status (0).
+    Raises what start() raises, ConfigurationError for a metrics port taken."""
+    logs.configure(settings.log_format, logging.INFO)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     started: list[Service] = []
+    stop_metrics = None
     try:
+        stop_metrics = metrics.serve(settings, [service.name for service in services])
         for service in services:
             service.start()
             started.append(service)
@@ -31,6 +36,8 @@ def run_until_stopped(services: Sequence[Service], settings: Settings) -> int:
     finally:
         for service in started:
             service.stop()
+        if stop_metrics is not None:
+            stop_metrics()
     return 0
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from shared import failpoints
+from shared import failpoints, logs, metrics
 from shared.bus import ServiceConsumer, declare_standing, declare_topology
 from shared.contracts import EVENTS, Event
 from shared.db import Schema, make_engine, upgrade
@@ -97,13 +98,15 @@ def deliver_failure(hook: FailureHandler, event: Any, envelope: Envelope,
 
 def _once(name: str, call: Callable[[Context[Any]], None], envelope: Envelope, units: Units,
           deps: Any, service: str | None) -> bool:
-    with units() as uow:
+    with logs.context(migration_id=envelope.migration_id), units() as uow:
         # first in the transaction: a duplicate stops here, before the handler asks anything
         # of the world outside the database
         if not uow.inbox.claim(envelope.id, name):
             return False
         call(Context(envelope, uow, deps))
         uow.commit()
+    metrics.observe_delivery(service or "", envelope.type,
+                             time.time() - envelope.occurred_at.timestamp())
     # committed, not yet acked: redelivered, claimed again
     failpoint("runtime.after_commit", scope=service)
     return True
@@ -145,6 +148,7 @@ class Service:
     relay: OutboxRelay = field(init=False)
     consumer: ServiceConsumer | None = field(init=False, default=None)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
+    _metrics_key: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.settings = self.settings.for_service(self.name)  # its own broker user
@@ -155,6 +159,8 @@ class Service:
         for worker in self.workers:
             worker.service = self.name
             self.units.subscribe(worker.wake)
+        # one entry per service and queue: two archivers of one process, two datacenters
+        self._metrics_key = f"{self.name}:{self.queue.name}:{id(self)}"
 
     @property
     def engine(self) -> Engine:
@@ -180,6 +186,8 @@ class Service:
 
     def start(self) -> None:
         failpoints.check()  # a refused FERRY_FAILPOINTS stops the start, naming the entry
+        metrics.TABLES.watch(self._metrics_key, self.name, self.engine,
+                             [worker.leases.table for worker in self.workers])
         # every service's queues, not only its own: what it publishes before the consumer
         # ever started waits in that consumer's queue
         declare_standing(self.settings.broker_url, self.settings)
@@ -206,7 +214,11 @@ class Service:
 
     def _bind(self, handler: Handler) -> Callable[[Any, Envelope], None]:
         def handle(event: Any, envelope: Envelope) -> None:
-            deliver(handler, event, envelope, self.units, self.deps, service=self.name)
+            try:
+                deliver(handler, event, envelope, self.units, self.deps, service=self.name)
+            except BaseException:
+                metrics.handler_errors.labels(self.name, envelope.type).inc()
+                raise
 
         return handle
 
@@ -224,6 +236,7 @@ class Service:
         for worker in self.workers:
             worker.stop()
         self.relay.stop()
+        metrics.TABLES.forget(self._metrics_key)
         for hook in self.on_closed:
             hook()
 

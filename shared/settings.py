@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -143,6 +144,20 @@ class Settings(BaseSettings):
     # the archiver undoes what dead workers left there at start and every reconcile_seconds.
     nbd_run_dir: Path | None = None
 
+    # Metrics and logs for the operator (shared/metrics.py, shared/logs.py). Intake serves
+    # /metrics on its API (without the bearer token unless metrics_require_token); the other
+    # services, and `ferry run all`, on metrics_bind:<port> when a port is set: the service's
+    # own FERRY_<SERVICE>_METRICS_PORT, else FERRY_METRICS_PORT; unset or 0, no metrics port.
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    intake_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    resolver_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    snapshotter_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    archiver_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    transfer_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_bind: str = "127.0.0.1"
+    metrics_require_token: bool = False
+
     @field_validator("retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: object) -> object:
@@ -186,3 +201,14 @@ class Settings(BaseSettings):
         """These settings as `service` uses them: broker_url is its own broker URL."""
         url = self.broker_url_of(service)
         return self if url == self.broker_url else self.model_copy(update={"broker_url": url})
+
+    def metrics_port_of(self, services: Sequence[str]) -> int | None:
+        """The port a process running `services` serves its metrics on: the one service's
+        own FERRY_<SERVICE>_METRICS_PORT when it runs alone and has one, else
+        FERRY_METRICS_PORT; None for no metrics port (unset or 0)."""
+        port: int | None = None
+        if len(services) == 1 and services[0] in SERVICES:
+            port = getattr(self, f"{services[0]}_metrics_port")
+        if port is None:
+            port = self.metrics_port
+        return port or None

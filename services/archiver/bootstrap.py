@@ -11,9 +11,10 @@ from services.archiver.jobs import Archiver
 from services.archiver.snapshots import reconcile_mounts, run_dir
 from services.archiver.staging import collect
 from services.archiver.tables import archive_jobs
+from shared import metrics
 from shared.addresses import host_pool
 from shared.hosts import HostPool
-from shared.jobs import JobWorker, Leases
+from shared.jobs import Done, JobWorker, Lease, Leases
 from shared.periodic import Periodic
 from shared.retry import RetryPolicy
 from shared.runtime import Service, open_database, routing_keys
@@ -22,6 +23,16 @@ from shared.topology import QueueSpec, queue_name
 
 log = logging.getLogger(__name__)
 NAME = "archiver"
+
+
+def count_archive(lease: Lease, done: Done) -> None:
+    """A sealed archive's metrics (the job worker calls it after the commit)."""
+    values = done.values
+    metrics.observe_archive(
+        NAME, str(lease.job.datacenter), str(lease.job.kind),
+        compressed_bytes=int(values.get("compressed_bytes") or 0),
+        raw_bytes=int(values.get("raw_bytes") or 0),
+        seconds=float(values.get("finished_at", 0.0)) - float(values.get("started_at", 0.0)))
 
 
 def bootstrap(settings: Settings, *, datacenter: str | None = None,
@@ -37,7 +48,7 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
         Leases(units.engine, archive_jobs, settings.lease_seconds), archiver.run, units=units,
         policy=RetryPolicy.from_settings(settings), name=f"archiver-{dc}", fail=archiver.fail,
         concurrency=concurrency or settings.concurrency, poll_seconds=settings.job_poll_seconds,
-        where=lambda: archive_jobs.c.datacenter == dc)
+        where=lambda: archive_jobs.c.datacenter == dc, on_done=count_archive)
 
     def sweep() -> None:
         archiver.sweep_partials()  # what a worker killed here left, its job since finished

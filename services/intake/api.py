@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
@@ -48,6 +49,7 @@ from shared.document import (
     validate_document,
 )
 from shared.inbox_outbox import Units
+from shared.metrics import REGISTRY
 from shared.runtime import open_database
 from shared.settings import Settings
 
@@ -202,6 +204,15 @@ def create_app(settings: Settings, *, units: Units | None = None) -> FastAPI:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         return {"status": "ok"}
+
+    # Prometheus scrapes usually carry no token, and these carry no ids, names or
+    # documents (shared/metrics.py): open unless FERRY_METRICS_REQUIRE_TOKEN. Not in the
+    # OpenAPI document: it is the Prometheus text format, not the API.
+    @app.get("/metrics", include_in_schema=False, dependencies=[
+        *(guarded if settings.metrics_require_token else []), Depends(_only_query())])
+    def get_metrics() -> Response:
+        """This process's metrics, in the Prometheus text format."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, error: RequestValidationError) -> Response:

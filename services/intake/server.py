@@ -59,8 +59,9 @@ class ApiServer:
             raise OSError(error.errno, f"intake API cannot listen on {self.host}:{self.port}: "
                                        f"{error.strerror}") from error
         self.port = sock.getsockname()[1]  # the real one when asked for port 0
+        # log_config=None: uvicorn's lines go through the root logger, in FERRY_LOG_FORMAT
         config = uvicorn.Config(self._app, log_level="warning", lifespan="off",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, log_config=None)
         server = uvicorn.Server(config)
         self._server = server
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},

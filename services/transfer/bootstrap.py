@@ -12,14 +12,24 @@ from services.transfer.jobs import (
     fail_transfer,
     run_transfer,
 )
+from shared import metrics
 from shared.hosts import HostPool
-from shared.jobs import JobWorker
+from shared.jobs import Done, JobWorker, Lease
 from shared.retry import RetryPolicy
 from shared.runtime import Service, open_database, routing_keys
 from shared.settings import Settings
 from shared.topology import QueueSpec, datacenter_queue, queue_name
 
 NAME = "transfer"
+
+
+def count_transfer(lease: Lease, done: Done) -> None:
+    """A verified transfer's metrics (the job worker calls it after the commit)."""
+    payload = lease.job.payload
+    result = done.result if isinstance(done.result, dict) else {}
+    metrics.observe_transfer(NAME, str(payload.get("datacenter") or ""), str(lease.job.kind),
+                             size=int(result.get("bytes", payload.get("bytes", 0))),
+                             seconds=float(result.get("duration_s", 0.0)))
 
 
 def bootstrap(settings: Settings, *, datacenter: str | None = None,
@@ -49,7 +59,7 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
                                        settings.transfer_attempts),
         name=f"transfer-{dc}" if dc else "transfer-jobs", fail=fail_transfer,
         concurrency=concurrency or settings.concurrency,
-        poll_seconds=settings.job_poll_seconds, on_stop=context.stop)
+        poll_seconds=settings.job_poll_seconds, on_stop=context.stop, on_done=count_transfer)
     spec = datacenter_queue(NAME, dc) if dc else QueueSpec(queue_name(NAME),
                                                             routing_keys(HANDLERS))
     return Service(NAME, settings, units, spec,
