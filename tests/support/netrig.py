@@ -64,7 +64,8 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run(["ip", *args], check=check)
 
 
-def run(argv: list[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], check: bool = True,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise NetRigError(f"`{' '.join(argv)}` exited {done.returncode}: "
@@ -278,7 +279,8 @@ class NetRig:
             for dc in self.datacenters:
                 plan.append((f"{dc}-xen", [f"{dc}-xen"]))
                 if self.vms_per_dc:
-                    plan.append((f"{dc}-vms", [f"{dc}-vm{i}" for i in range(1, self.vms_per_dc + 1)]))
+                    vms = [f"{dc}-vm{i}" for i in range(1, self.vms_per_dc + 1)]
+                    plan.append((f"{dc}-vms", vms))
             plan.append(("new-site", ["new-site"]))
             for index, (link_name, host_names) in enumerate(plan):
                 link = self._add_link(index, link_name)
@@ -387,11 +389,13 @@ class NetRig:
         """Bring a cut link back up; its addresses and shaping are kept."""
         link = self._link(name)
         ip("-n", link.namespace, "link", "set", "eth0", "up")
-        # the host's address routes come back with the link; wait until its root end has
-        # carrier again so the next packet is not dropped
+        # wait until its root end has carrier again, then forget the neighbour entries the
+        # cut left FAILED (else the kernel answers "No route to host" for a while longer)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if "LOWER_UP" in ip("link", "show", link.root_end).stdout:
+                ip("neigh", "flush", "dev", link.root_end, check=False)
+                ip("-n", link.namespace, "neigh", "flush", "dev", "eth0", check=False)
                 return
             time.sleep(0.02)
         raise NetRigError(f"link {link.name} ({link.root_end}) has no carrier after restore")
