@@ -168,19 +168,19 @@ def test_vm_link_cut_mid_archive_fails_the_attempt_cleanly_and_the_retry_complet
                                   "--concurrency", "1", env=env, log=tmp_path / "archiver.log"))
     send(rabbit_url, (archive_request("r1", "shared_fs", "fs:data", host=vm.address,
                                       path=str(data)), "m-1"))
-    # When the archive is streaming (compressed bytes in its partial file), the link is cut
-    wait_for(lambda: any(p.stat().st_size for p in partials() if ".manifest." not in p.name),
-             timeout=30, what="the archive streaming into staging")
+    # When a quarter of the source has streamed (its partial file in staging), the link is cut
+    wait_for(lambda: job() is not None and job().bytes_done >= 1_500_000 and partials(),
+             timeout=30, what="a quarter of the archive streamed")
     rig.cut(vm.link)
     cut_at = time.monotonic()
-    # Then, while the link is down, the attempt fails: counted, its partial files removed
-    wait_for(lambda: job().attempts >= 2 or (job().state != "running" and job().attempts >= 1),
-             timeout=CUT_SECONDS + 30, what="the cut attempt given up")
-    first = job()
-    assert first.state != "done"
-    wait_for(lambda: not partials() or job().state == "running", timeout=10,
-             what="the failed attempt's partial files removed")
+    # Then, while the link is down, the stalled attempt is stopped by the command timeout and
+    # counted, and its partial archive and manifest are removed
+    wait_for(lambda: "CommandTimedOut" in (job().error or ""), timeout=CUT_SECONDS + 30,
+             what="the cut attempt given up")
+    assert job().state != "done" and job().attempts >= 1
+    wait_for(lambda: not partials(), timeout=10, what="the failed attempt's partial files gone")
     hold_cut(rig, vm.link, cut_at)
+
     # And after the link is back a retry completes the archive
     def answered() -> Any:
         with engine.connect() as db:
@@ -191,8 +191,15 @@ def test_vm_link_cut_mid_archive_fails_the_attempt_cleanly_and_the_retry_complet
     done = job()
     log = (tmp_path / "archiver.log").read_text()
     assert done.state == "done", f"{done.error}\n{log[-3000:]}"
-    assert done.attempts >= 2
-    assert "timed out" in log or "No route" in log or "unreachable" in log.lower(), log[-3000:]
+    # every attempt before it failed on the network, naming the VM: the first timed out in
+    # mid-stream, the ones made while the link was down could not connect
+    failed = [line.split(" failed, again in ", 1)[1].split(": ", 1)[1]
+              for line in log.splitlines()
+              if f"job {done.id} attempt" in line and " failed, again in " in line]
+    assert done.attempts == len(failed) + 1 >= 2, (done.attempts, failed)
+    assert failed[0].startswith(f"shared.errors.CommandTimedOut: {vm.address}: timed out")
+    assert all(f.startswith(f"shared.errors.HostUnreachableError: {vm.address}: cannot connect")
+               for f in failed[1:]), failed
     # only the sealed archive and its manifest are left: no partial file of any attempt
     final = Path(done.file_path)
     assert sorted((staging / "ey04").iterdir()) == [final, Path(f"{final}.manifest.jsonl")]
