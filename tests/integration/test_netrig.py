@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netrig import NetRig, RigHost, rig_namespaces, rig_veths, sweep
+from tests.support.helpers import wait_for
+from tests.support.netrig import (
+    NetRig,
+    RigHost,
+    namespace_pids,
+    rig_namespaces,
+    rig_veths,
+    sweep,
+)
 from tests.support.sshd import generate_key
 
 MB = 1_000_000
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ssh(rig: NetRig, host: RigHost, command: str, known_hosts: Path | None = None,
@@ -90,7 +99,11 @@ def test_sweeper_removes_what_a_dead_process_left() -> None:
     subprocess.run(["ip", "netns", "add", namespace], check=True)
     subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
                     "netns", namespace], check=True)
+    # and a process still running inside that namespace (as a dead run's sshd would be)
+    stray = subprocess.Popen(["ip", "netns", "exec", namespace, "sleep", "600"])
     try:
+        wait_for(lambda: stray.pid in namespace_pids(namespace), timeout=10,
+                 what="the stray process in the namespace")
         assert namespace in rig_namespaces() and veth in rig_veths()
         # When a rig starts (it sweeps first)
         with NetRig(datacenters=["ey04"], vms_per_dc=0):
@@ -98,8 +111,27 @@ def test_sweeper_removes_what_a_dead_process_left() -> None:
             assert namespace not in rig_namespaces() and veth not in rig_veths()
             assert mine(os.getpid())
             assert not [n for n in sweep() if str(os.getpid()) in n]
+        assert stray.wait(timeout=10) == -9
     finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
         subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+
+
+def test_rig_never_closed_is_removed_when_its_process_exits() -> None:
+    # Given a process that starts a rig and exits without closing it
+    code = ("from tests.support.netrig import NetRig\n"
+            "rig = NetRig(datacenters=['ey04'], vms_per_dc=1)\nrig.start()\n"
+            "print(rig.dir, len(rig.namespaces), flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    directory, count = done.stdout.split()
+    assert count == "3"
+    # Then its exit (atexit) removed everything it made
+    pid = int(Path(directory).name.split("-")[2])
+    assert mine(pid) == [] and not Path(directory).exists()
 
 
 @pytest.fixture(scope="module")
