@@ -263,3 +263,22 @@ def test_cut_link_refuses_new_connections_until_restored(rig: NetRig) -> None:
     finally:
         rig.restore("ey02-xen")
     assert ssh(rig, xen, "true").returncode == 0
+
+
+def test_inventory_names_the_rig_hosts_and_passes_the_resolver_checks(
+    rig: NetRig, tmp_path: Path,
+) -> None:
+    from services.resolver.inventory import FileInventory, reference_problems
+
+    # Given the rig's inventory, read by the resolver's own file adapter
+    path = rig.write_inventory(tmp_path / "inventory.yaml", customer="cust-9")
+    document = FileInventory(path).document()
+    # Then it has no dangling or foreign references, and names the rig's addresses
+    assert reference_problems(document) == []
+    assert {x.address for x in document.xen_hosts.values()} == {
+        rig.hosts["ey04-xen"].address, rig.hosts["ey02-xen"].address}
+    assert sorted(vm.ssh for vm in document.vms.values()) == sorted(
+        h.address for n, h in rig.hosts.items() if "-vm" in n)
+    assert {vm.customer for vm in document.vms.values()} == {"cust-9"}
+    [root] = document.vms["ey04-s50001"].filesystems
+    assert root.path == str(rig.hosts["ey04-vm1"].root) and root.snapshot_driver == "none"
