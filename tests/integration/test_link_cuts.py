@@ -118,7 +118,8 @@ def test_new_site_link_cut_mid_transfer_resumes_where_it_stopped_and_verifies(
     last = runs[-1]
     assert last.outcome == "transferred"
     missing = size - held
-    assert missing <= last.literal_bytes <= missing + MiB, (last.literal_bytes, missing)
+    # (within 1 MiB: the stalled attempt's receiver may still flush a buffer after we look)
+    assert abs(last.literal_bytes - missing) <= MiB, (last.literal_bytes, missing)
     assert last.bytes_sent < missing + 2 * MiB < size, (last.bytes_sent, missing)
     # the attempts made while the link was down could not reach the new site, and said so
     server = rig.hosts["new-site"].address
