@@ -282,3 +282,15 @@ def test_inventory_names_the_rig_hosts_and_passes_the_resolver_checks(
     assert {vm.customer for vm in document.vms.values()} == {"cust-9"}
     [root] = document.vms["ey04-s50001"].filesystems
     assert root.path == str(rig.hosts["ey04-vm1"].root) and root.snapshot_driver == "none"
+
+
+def test_two_rigs_at_once_get_their_own_addresses_and_names(rig: NetRig) -> None:
+    # Given a second rig while the module's is up (as another test run's would be)
+    with NetRig(datacenters=["ey04"], vms_per_dc=0) as other:
+        # Then it took another slot: no address or namespace in common, both answer
+        assert other.slot != rig.slot
+        assert not {h.ip for h in other.hosts.values()} & {h.ip for h in rig.hosts.values()}
+        assert not set(other.namespaces) & set(rig.namespaces)
+        for each in (rig, other):
+            done = ssh(each, each.hosts["ey04-xen"], "ip -o -4 addr show dev eth0")
+            assert f"inet {each.hosts['ey04-xen'].ip}/28" in done.stdout, done.stderr

@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import itertools
 import os
 import re
 import shutil
@@ -48,11 +49,12 @@ from typing import Any
 
 from tests.support.sshd import SshServer, SshServerError, generate_key
 
-PREFIX = "ferry-"  # namespaces: ferry-<pid>-<n>
+PREFIX = "ferry-"  # namespaces: ferry-<pid>-<n>, n counting this process's links
 VETH_PREFIX = "fr"  # root ends: fr<pid>l<n> (15 characters at most)
 SLOTS_DIR = Path("/run/ferry-netrig")
 _NS_NAME = re.compile(r"^ferry-(\d+)-(\d+)$")
 _VETH_NAME = re.compile(r"^fr(\d+)l(\d+)$")
+_LINK_NUMBERS = itertools.count()  # per process: two rigs of one process never share a name
 
 
 class NetRigError(RuntimeError):
@@ -310,8 +312,9 @@ class NetRig:
         raise NetRigError(f"no free rig slot in {SLOTS_DIR} (256 rigs running?)")
 
     def _add_link(self, index: int, name: str) -> Link:
-        namespace = f"{PREFIX}{self.pid}-{index}"
-        root_end = f"{VETH_PREFIX}{self.pid}l{index}"
+        number = next(_LINK_NUMBERS) % 100_000  # 15 characters at most in a link's name
+        namespace = f"{PREFIX}{self.pid}-{number}"
+        root_end = f"{VETH_PREFIX}{self.pid}l{number}"
         ip("netns", "add", namespace)
         self.namespaces.append(namespace)
         ip("-n", namespace, "link", "set", "lo", "up")
