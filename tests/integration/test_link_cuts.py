@@ -32,9 +32,11 @@ from tests.support.netrig import NetRig
 from tests.support.processes import ChildProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-# How long a link stays cut: the 30 s; FERRY_TEST_CUT_SECONDS shortens it for a
-# quick local run (the retry schedules below cover up to about a minute).
+# How long a link stays cut: the 30 s. FERRY_TEST_CUT_SECONDS changes it (the retry
+# schedules below cover up to about a minute; the archive case needs more than its 20 s
+# command timeout, the transfer case more than rsync's 5 s timeout).
 CUT_SECONDS = float(os.environ.get("FERRY_TEST_CUT_SECONDS", "30"))
+ARCHIVE_COMMAND_TIMEOUT = 20
 
 
 @pytest.fixture
@@ -69,6 +71,8 @@ def transfer_runs(engine: Engine, job_id: str) -> list[Any]:
 def test_new_site_link_cut_mid_transfer_resumes_where_it_stopped_and_verifies(
     rig: NetRig, tmp_path: Path, rabbit_url: str, pg_url: str, processes: list[ChildProcess],
 ) -> None:
+    assert CUT_SECONDS >= 10, f"FERRY_TEST_CUT_SECONDS={CUT_SECONDS}: at least 10 s (rsync's " \
+        "5 s timeout must fire while the link is down)"
     # Given a 16 MiB archive and the link to the new site shaped to 16 mbit (about 8 s whole)
     size = 16 * MiB
     source, digest = make_archive(tmp_path, size, "big.tar.zst")
@@ -134,6 +138,9 @@ def test_new_site_link_cut_mid_transfer_resumes_where_it_stopped_and_verifies(
 def test_vm_link_cut_mid_archive_fails_the_attempt_cleanly_and_the_retry_completes(
     rig: NetRig, tmp_path: Path, rabbit_url: str, pg_url: str, processes: list[ChildProcess],
 ) -> None:
+    assert CUT_SECONDS > ARCHIVE_COMMAND_TIMEOUT + 2, (
+        f"FERRY_TEST_CUT_SECONDS={CUT_SECONDS}: a cut must outlast the archiver's "
+        f"{ARCHIVE_COMMAND_TIMEOUT} s command timeout for the attempt to fail")
     # Given a VM with a shared filesystem of 6 MB of random data behind an 8 mbit link
     vm = rig.hosts["ey04-vm1"]
     data = vm.root / "data"
@@ -150,7 +157,7 @@ def test_vm_link_cut_mid_archive_fails_the_attempt_cleanly_and_the_retry_complet
         "FERRY_SHARED_FS_MOUNT_CHECK": "false",  # a plain directory stands in for the mount
         # the archiver's only bound on a stalled source command is its command timeout:
         # 20 s, well above the 6 s this archive takes, below the cut
-        "FERRY_COMMAND_TIMEOUT": "20",
+        "FERRY_COMMAND_TIMEOUT": str(ARCHIVE_COMMAND_TIMEOUT),
         "FERRY_RETRY_DELAYS": "1,2,4,8", "FERRY_MAX_ATTEMPTS": "12",
     }
     engine = make_engine(pg_url)

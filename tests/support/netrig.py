@@ -10,7 +10,7 @@ its own link and nowhere else (and 127.0.0.1 inside it is its own loopback).
     with NetRig(datacenters=["ey04", "ey02"], vms_per_dc=2, wan_rate="56mbit") as rig:
         rig.hosts["ey04-xen"].address        # "root@10.77.S.2:22"
         rig.hosts["ey04-vm1"].root           # the directory this host's data lives in
-        rig.destination                      # "root@10.77.S.50:/tmp/ferry-rig-…/new-site/srv/ferry"
+        rig.destination   # "root@10.77.S.66:/tmp/ferry-rig-…/new-site/root/srv/ferry"
         rig.cut("new-site"); rig.restore("new-site"); rig.shape("8mbit")
 
 Hosts, per datacenter DC: `DC-xen` (the Xen host) on link `DC-xen`, and `DC-vm1` … `DC-vmN`
