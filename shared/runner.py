@@ -44,7 +44,7 @@ def run_until_stopped(services: Sequence[Service], settings: Settings) -> int:
 def service_arguments(description: str, argv: Sequence[str] | None = None, *,
                       datacenter: bool = False, concurrency: bool = True) -> argparse.Namespace:
     """The options `python -m services.<name>` takes: --concurrency N (job workers) and,
-    for the archiver, --datacenter DC."""
+    for the archiver and transfer, --datacenter DC."""
     parser = argparse.ArgumentParser(description=description)
     if datacenter:
         parser.add_argument("--datacenter", "-d", help="the datacenter whose queue to consume "

@@ -6,6 +6,7 @@ from services.transfer.bootstrap import bootstrap
 from shared.runner import run_until_stopped, service_arguments
 from shared.settings import Settings
 
-options = service_arguments("Run Ferry's transfer service until SIGTERM.")
+options = service_arguments("Run Ferry's transfer service until SIGTERM.", datacenter=True)
 settings = Settings()
-sys.exit(run_until_stopped([bootstrap(settings, concurrency=options.concurrency)], settings))
+sys.exit(run_until_stopped([bootstrap(settings, datacenter=options.datacenter,
+                                         concurrency=options.concurrency)], settings))
