@@ -153,3 +153,15 @@ def test_each_datacenter_is_one_archiving_host_group_sharing_only_its_own_stagin
     workers = {name for name, s in services.items()
                if s.get("command", ["", ""])[1:2] in (["archiver"], ["transfer"])}
     assert workers == set().union(*groups.values())
+
+
+def test_every_ferry_service_serves_its_metrics_on_the_compose_network() -> None:
+    services = _resolved()
+    ferry = {name: s for name, s in services.items()
+             if s.get("command", [""])[0:1] == ["run"]}
+    assert {s["command"][1] for s in ferry.values()} >= {*SERVICES}
+    for name, service in ferry.items():
+        env = service["environment"]
+        assert env.get("FERRY_METRICS_PORT") == "9464", name
+        assert env.get("FERRY_METRICS_BIND") == "0.0.0.0", name  # noqa: S104 - inside the container
+        assert "9464" not in str(service.get("ports", "")), name  # not published on the host
