@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -88,6 +89,12 @@ def pct(values: list[float], p: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, its reaped children's too) of a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def rows(url: str, query: Any) -> list[Any]:
@@ -239,7 +246,10 @@ def run_ferry(site: fleet_site.FleetSite, workdir: Path, archivers: int, concurr
             tails = "\n".join(f"--- {n}\n{p.tail(1500)}" for n, p in processes.items())
             raise SystemExit(f"{len(failed)} migrations not completed: "
                              f"{[(i, states.get(i)) for i in failed[:5]]}\n{tails}")
-        return {"wall": wall, "submit": submitted, "ids": ids, "urls": urls,
+        cpu = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+        events = rows(urls["intake"], select(migration_events.c.occurred_at))
+        return {"wall": wall, "submit": submitted, "cpu": cpu, "events": len(events),
+                "ids": ids, "urls": urls,
                 "destination": Path(env["FERRY_DESTINATION"]),
                 **analyse(urls, ids, archivers * concurrency, transfer_parallel)}
     finally:
@@ -295,7 +305,10 @@ def analyse(urls: dict[str, str], ids: list[str], archive_cap: int,
         plan = planned[request.migration_id]
         hops["submitted → planned"].append(plan - sub)
         hops["planned → archive started"].append(job.started_at - plan)
+        hops["  planned → archive created"].append(job.created_at - plan)
+        hops["  archive created → started"].append(job.started_at - job.created_at)
         hops["archived → transfer started"].append(t_start - job.finished_at)
+        hops["  archived → transfer created"].append(tjob.created_at - job.finished_at)
         hops["transferred → completed"].append(done_at - t_end)
         hops["(archive run)"].append(job.finished_at - job.started_at)
         hops["(transfer run)"].append(t_end - t_start)
@@ -380,7 +393,7 @@ def main() -> None:
                     f"{arrived} ({len(problems)} problems)")
     summary.add_row("transfer jobs retried", str(ferry["transfer_retries"]))
     summary.add_row("ferry wall s (submit → last completed)", f"{ferry['wall']:.1f}")
-    summary.add_row("  of which submitting 200 POSTs s", f"{ferry['submit']:.1f}")
+    summary.add_row(f"  of which submitting {migrations_n} POSTs s", f"{ferry['submit']:.1f}")
     summary.add_row("ferry jobs/s", f"{fleet_jobs / ferry['wall']:.1f}")
     summary.add_row("baseline wall s (archive + rsync)",
                     f"{base['wall']:.1f} ({base['archive']:.1f} + {base['transfer']:.1f})")
@@ -394,6 +407,16 @@ def main() -> None:
         latency.add_row(name, *(f"{1000 * pct(values, p):.0f}" for p in (50, 95, 99, 100)),
                         f"{1000 * statistics.fmean(values):.0f}" if values else "-")
     console.print(latency)
+    overhead_p50 = pct(ferry["overhead"], 50)
+    console.print(f"p50 overhead per hop (4 hops): {1000 * overhead_p50 / 4:.0f} ms "
+                  "(goal ≤ 20 ms)")
+    cpu = Table("process", "CPU s", "CPU % of wall", title="where the CPU went (2 cores, "
+                "shared with other work: noisy)")
+    for name, seconds in sorted(ferry["cpu"].items(), key=lambda kv: -kv[1]):
+        cpu.add_row(name, f"{seconds:.1f}", f"{100 * seconds / ferry['wall']:.0f}")
+    console.print(cpu)
+    console.print(f"intake recorded {ferry['events']} events "
+                  f"({ferry['events'] / ferry['wall']:.0f}/s over the wall time)")
     for problem in problems[:20]:
         console.print(f"[red]{problem}")
     (args.workdir / "result.json").write_text(json.dumps({
