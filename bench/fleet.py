@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -146,6 +147,7 @@ def baseline(site: fleet_site.FleetSite, out: Path, archive_parallel: int,
     def rsync(pair: tuple[Path, Path]) -> None:
         subprocess.run(["rsync", "-a", str(pair[0]), str(pair[1]) + "/"], check=True)
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     with ThreadPoolExecutor(archive_parallel) as pool:
         list(pool.map(shell, commands))
@@ -153,7 +155,9 @@ def baseline(site: fleet_site.FleetSite, out: Path, archive_parallel: int,
     with ThreadPoolExecutor(transfer_parallel) as pool:
         list(pool.map(rsync, sends))
     done = time.monotonic()
-    return {"wall": done - started, "archive": archived - started,
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"wall": done - started, "cpu": cpu, "archive": archived - started,
             "transfer": done - archived, "archives": len(commands), "sends": len(sends)}
 
 
@@ -415,6 +419,11 @@ def main() -> None:
     for name, seconds in sorted(ferry["cpu"].items(), key=lambda kv: -kv[1]):
         cpu.add_row(name, f"{seconds:.1f}", f"{100 * seconds / ferry['wall']:.0f}")
     console.print(cpu)
+    ferry_cpu = sum(ferry["cpu"].values())
+    console.print(f"CPU s per job: ferry's processes {ferry_cpu / fleet_jobs:.3f} "
+                  f"(total {ferry_cpu:.0f} s = {ferry_cpu / ferry['wall']:.2f} cores over its "
+                  f"wall; PostgreSQL/RabbitMQ not counted), baseline "
+                  f"{base['cpu'] / fleet_jobs:.3f} (total {base['cpu']:.0f} s)")
     console.print(f"intake recorded {ferry['events']} events "
                   f"({ferry['events'] / ferry['wall']:.0f}/s over the wall time)")
     for problem in problems[:20]:
