@@ -251,8 +251,13 @@ def run_ferry(site: fleet_site.FleetSite, workdir: Path, archivers: int, concurr
             raise SystemExit(f"{len(failed)} migrations not completed: "
                              f"{[(i, states.get(i)) for i in failed[:5]]}\n{tails}")
         cpu = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+        with admin.connect() as connection:
+            commits = {service: int(connection.execute(text(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = :n"),
+                {"n": name}).scalar_one()) for service, name in names.items()}
         events = rows(urls["intake"], select(migration_events.c.occurred_at))
-        return {"wall": wall, "submit": submitted, "cpu": cpu, "events": len(events),
+        return {"wall": wall, "submit": submitted, "cpu": cpu, "commits": commits,
+                "events": len(events),
                 "ids": ids, "urls": urls,
                 "destination": Path(env["FERRY_DESTINATION"]),
                 **analyse(urls, ids, archivers * concurrency, transfer_parallel)}
@@ -321,7 +326,12 @@ def analyse(urls: dict[str, str], ids: list[str], archive_cap: int,
         hops["(slot wait)"].append(wait)
         overheads.append(done_at - sub - (job.finished_at - job.started_at)
                          - (t_end - t_start) - wait)
-    return {"hops": hops, "overhead": overheads, "kinds": kinds, "server_roots": server_roots,
+    cycle = {}
+    for dc, runs in archive_runs.items():  # a slot's time per archive, start to next start
+        cycle[dc] = ((max(e for _, e in runs) - min(s for s, _ in runs)) * archive_cap
+                     / len(runs))
+    return {"hops": hops, "overhead": overheads, "cycle": cycle,
+            "kinds": kinds, "server_roots": server_roots,
             "archives_made": sum(1 for j in jobs.values() if j.state == "done"),
             "transfers": tjobs, "transfer_retries": retries, "jobs": jobs,
             "requests": requests, "treqs": treqs,
@@ -424,6 +434,18 @@ def main() -> None:
                   f"(total {ferry_cpu:.0f} s = {ferry_cpu / ferry['wall']:.2f} cores over its "
                   f"wall; PostgreSQL/RabbitMQ not counted), baseline "
                   f"{base['cpu'] / fleet_jobs:.3f} (total {base['cpu']:.0f} s)")
+    commits = Table("service database", "commits", "per s", "per job",
+                    title="PostgreSQL transactions (pg_stat_database, incl. polling)")
+    for service, count in ferry["commits"].items():
+        commits.add_row(service, str(count), f"{count / ferry['wall']:.0f}",
+                        f"{count / fleet_jobs:.1f}")
+    total = sum(ferry["commits"].values())
+    commits.add_row("all", str(total), f"{total / ferry['wall']:.0f}", f"{total / fleet_jobs:.1f}")
+    console.print(commits)
+    for dc, seconds in ferry["cycle"].items():
+        console.print(f"{dc}: an archiver slot spent {1000 * seconds:.0f} ms per archive "
+                      f"(first start to last finish × slots / archives; the run alone: "
+                      f"p50 {1000 * pct(ferry['hops']['(archive run)'], 50):.0f} ms)")
     console.print(f"intake recorded {ferry['events']} events "
                   f"({ferry['events'] / ferry['wall']:.0f}/s over the wall time)")
     for problem in problems[:20]:
