@@ -34,6 +34,18 @@ the manifest and sha256 — those are in the runs, not the overhead.)
     python bench/fleet.py [--migrations 200] [--scale 1.0] [--workdir /tmp/ferry-bench-fleet]
 
 `--scale 0.1` runs a tenth of the jobs; `--migrations 20 --scale 0.1` a quick check.
+
+Measured 2026-12-01 (2 cores shared with two other helpers' tests: noisy), full fleet, one
+archiver (concurrency 2) and one transfer (2 parallel) per datacenter: all 1,474 (+200
+db_server_root, 2 archives made) complete, 1,674 files at the destination each once,
+sha256 verified; ferry 216-239 s (6.2-6.8 jobs/s) vs baseline 23-26 s: 9.2-9.6x, far from
+the 1.5x goal; p50 overhead ~93-113 s a job (23-28 s a hop, goal 20 ms). What limits it:
+an archiver slot spends ~595 ms per few-KiB archive (the run ~450 ms of it; tar | zstd
+alone ~16 ms), and the fleet's ~100 PostgreSQL commits per job run at a near-constant
+~650-750 commits/s in every configuration tried; 4x the archive slots made it slower
+(60 migrations: 55.8 s → 70.6 s, the archive run 370 → 1753 ms). Intake records ~33
+events/s, so its status lags the work by ~40 s (transferred → completed); the resolver
+plans ~4-5 migrations/s (submitted → planned p50 ~19 s for a burst of 200).
 """
 
 from __future__ import annotations
