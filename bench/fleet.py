@@ -82,6 +82,7 @@ from services.transfer.tables import (  # noqa: E402
     transfers,
 )
 from shared.digests import file_sha256  # noqa: E402
+from tests.e2e.checks import rows  # noqa: E402
 from tests.e2e.harness import READY, pipeline_env  # noqa: E402
 from tests.support.processes import ChildProcess, stop_all  # noqa: E402
 
@@ -108,15 +109,6 @@ def cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system, its reaped children's too) of a running process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def rows(url: str, query: Any) -> list[Any]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return list(connection.execute(query))
-    finally:
-        engine.dispose()
 
 
 # ---------------------------------------------------------------- baseline

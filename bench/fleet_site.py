@@ -18,6 +18,8 @@ from typing import Any
 
 import pymysql
 
+from ferry.demo_site import new_vm
+
 DCS = ("ey04", "ey02")
 
 
@@ -154,20 +156,14 @@ def document(c: Customer) -> dict[str, Any]:
     shared filesystems), a database group of two when the customer has databases."""
     apps = [f"vm_{i + 1}" for i in range(len(c.vms))]
 
-    def vm(duid: str, role: str, env: str, mounts: list[tuple[str, int]]) -> dict[str, Any]:
-        return {"duid": duid, "role": role, "environment": env, "memory_mib": 1792, "vcpus": 2,
-                "disks": [{"size_gib": size + 5, "filesystems": [
-                    {"mountpoint": mount, "size_gib": size, "fs_type": "ext4"}]}
-                    for mount, size in mounts]}
-
-    vms = [vm(duid, "app", "env_1", [("/", 15), *((m, 10) for m in c.shared)] if i == 0
-              else [("/", 15)]) for i, duid in enumerate(apps)]
+    vms = [new_vm(duid, "app", "env_1", [("/", 15), *((m, 10) for m in c.shared)] if i == 0
+                  else [("/", 15)]) for i, duid in enumerate(apps)]
     environments = [{"duid": "env_1", "name_hint": f"{c.id} app", "vms": apps}]
     groups: list[dict[str, Any]] = []
     if c.databases:
         master, replica = f"vm_{len(apps) + 1}", f"vm_{len(apps) + 2}"
-        vms += [vm(master, "db_master", "env_2", [("/", 15), ("/var/lib/mysql", 20)]),
-                vm(replica, "db_replica", "env_2", [("/", 15), ("/var/lib/mysql", 20)])]
+        vms += [new_vm(master, "db_master", "env_2", [("/", 15), ("/var/lib/mysql", 20)]),
+                new_vm(replica, "db_replica", "env_2", [("/", 15), ("/var/lib/mysql", 20)])]
         environments.append({"duid": "env_2", "name_hint": f"{c.id} db",
                              "vms": [master, replica]})
         groups = [{"duid": "db_1", "engine": "mysql", "version": "5.0.51", "master": master,

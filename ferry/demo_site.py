@@ -182,21 +182,23 @@ def inventory(site: DemoSite) -> dict[str, Any]:
     }
 
 
+def new_vm(duid: str, role: str, env: str, mounts: list[tuple[str, int]]) -> dict[str, Any]:
+    """A document's new VM: one ext4 disk per (mountpoint, size in GiB), 5 GiB to spare."""
+    return {"duid": duid, "role": role, "environment": env, "memory_mib": 1792, "vcpus": 2,
+            "disks": [{"size_gib": size + 5, "filesystems": [
+                {"mountpoint": mount, "size_gib": size, "fs_type": "ext4"}]}
+                for mount, size in mounts]}
+
+
 def document(site: DemoSite) -> dict[str, Any]:
     """examples/migration.json's shape, with APP_VMS[size] app VMs."""
     apps = [f"vm_{i + 1}" for i in range(APP_VMS[site.size])]
     master, replica = f"vm_{len(apps) + 1}", f"vm_{len(apps) + 2}"
 
-    def vm(duid: str, role: str, env: str, mounts: list[tuple[str, int]]) -> dict[str, Any]:
-        return {"duid": duid, "role": role, "environment": env, "memory_mib": 1792, "vcpus": 2,
-                "disks": [{"size_gib": size + 5, "filesystems": [
-                    {"mountpoint": mount, "size_gib": size, "fs_type": "ext4"}]}
-                    for mount, size in mounts]}
-
-    vms = [vm(duid, "app", "env_1", [("/", 15), ("/data", 50)] if i == 0 else [("/", 15)])
+    vms = [new_vm(duid, "app", "env_1", [("/", 15), ("/data", 50)] if i == 0 else [("/", 15)])
            for i, duid in enumerate(apps)]
-    vms += [vm(master, "db_master", "env_2", [("/", 15), ("/var/lib/mysql", 95)]),
-            vm(replica, "db_replica", "env_2", [("/", 15), ("/var/lib/mysql", 95)])]
+    vms += [new_vm(master, "db_master", "env_2", [("/", 15), ("/var/lib/mysql", 95)]),
+            new_vm(replica, "db_replica", "env_2", [("/", 15), ("/var/lib/mysql", 95)])]
     databases = ([{"name": site.database, "old_master": MASTER, "old_replica": REPLICA,
                    "new_database_group": "db_1"}] if site.database else [])
     return {

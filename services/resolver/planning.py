@@ -85,11 +85,13 @@ class Plan:
 
 
 class _Lookups:
-    """Asks the inventory once per entity per plan, and says why an entity was wanted."""
+    """Asks the inventory once per entity per plan, and says why an entity was wanted. A
+    name it lacks is remembered too, so the ownership pass, planning and a shared
+    filesystem's alternates never ask the inventory (over HTTP, a request each) again."""
 
     def __init__(self, inventory: Inventory) -> None:
         self._inventory = inventory
-        self._seen: dict[tuple[type[Any], str], Any] = {}
+        self._seen: dict[tuple[type[Any], str], Any] = {}  # the entity, or why it is missing
 
     def find(self, model: type[M], name: str) -> M | None:
         """The entity, or None when the inventory lacks it (planning then says so)."""
@@ -104,11 +106,14 @@ class _Lookups:
             try:
                 self._seen[key] = self._inventory.lookup(model, name)
             except UnknownEntityError as error:
-                if not wanted_as:
-                    raise
-                raise UnknownEntityError(f"{error} ({wanted_as})") from error
-        found: M = self._seen[key]
-        return found
+                self._seen[key] = error
+        found = self._seen[key]
+        if isinstance(found, UnknownEntityError):
+            if not wanted_as:
+                raise found
+            raise UnknownEntityError(f"{found} ({wanted_as})") from found
+        entity: M = found
+        return entity
 
     def datacenter(self, name: str, of: str) -> str:
         self.get(Datacenter, name, f"the datacenter of {of}")
@@ -256,7 +261,8 @@ def ownership_problems(document: MigrationDocument, look: _Lookups) -> list[str]
     problems: dict[str, None] = {}  # in document order, each once
 
     def owned(what: str, owner: str) -> None:
-        if owner != customer:
+        # SHARED (the model allows it on database servers only) is every customer's to name
+        if owner not in (customer, SHARED):
             problems[f"{what} belongs to customer {owner!r}"] = None
 
     moves = document.migration
@@ -274,8 +280,7 @@ def ownership_problems(document: MigrationDocument, look: _Lookups) -> list[str]
         for server_name in (move.old_master, move.old_replica):
             if (server := look.find(DatabaseServer, server_name)) is None:
                 continue
-            if server.customer != SHARED:
-                owned(f"database server {server_name!r}", server.customer)
+            owned(f"database server {server_name!r}", server.customer)
             if (database := server.databases.get(move.name)) is not None:
                 owned(f"database {move.name!r} on {server_name!r}", database.customer)
     for equivalence in moves.ip_equivalences:

@@ -22,13 +22,19 @@ from shared.digests import file_sha256
 from tests.support.trees import describe
 
 
+def rows(url: str, query: Any) -> list[Any]:
+    """The rows `query` selects from the database at `url` (its own engine, disposed)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(query))
+    finally:
+        engine.dispose()
+
+
 def jobs_of(intake_db_url: str, migration_id: str) -> list[Any]:
-    engine = create_engine(intake_db_url)
-    with engine.connect() as connection:
-        rows = connection.execute(select(migration_jobs).where(
-            migration_jobs.c.migration_id == migration_id)).all()
-    engine.dispose()
-    return list(rows)
+    return rows(intake_db_url, select(migration_jobs).where(
+        migration_jobs.c.migration_id == migration_id))
 
 
 def _decompress(path: Path) -> list[str]:

@@ -28,14 +28,19 @@ def test_check_shows_the_jobs_a_document_would_get(capsys: pytest.CaptureFixture
     assert "is usable" in out
 
 
+def _check_edited(tmp_path: Path, vm: str, **changes: str) -> int:
+    """`ferry inventory check` on the example inventory with `changes` made to VM `vm`."""
+    data = yaml.safe_load(INVENTORY.read_text())
+    data["vms"][vm].update(changes)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return main(["inventory", "check", str(path)])
+
+
 def test_check_fails_on_a_name_the_inventory_uses_but_lacks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    data = yaml.safe_load(INVENTORY.read_text())
-    data["vms"]["ey04-s50002"]["xen_host"] = "xen-ey04-99"
-    path = tmp_path / "inventory.yaml"
-    path.write_text(yaml.safe_dump(data))
-    assert main(["inventory", "check", str(path)]) == 1
+    assert _check_edited(tmp_path, "ey04-s50002", xen_host="xen-ey04-99") == 1
     assert "VM 'ey04-s50002' names Xen host 'xen-ey04-99', which the inventory lacks" in (
         capsys.readouterr().out)
 
@@ -44,11 +49,7 @@ def test_check_fails_on_a_public_ip_forwarding_to_another_customers_vm(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given the example with one of the VMs behind cust-1042's old IP given to cust-2077
-    data = yaml.safe_load(INVENTORY.read_text())
-    data["vms"]["ey04-s50001"]["customer"] = "cust-2077"
-    path = tmp_path / "inventory.yaml"
-    path.write_text(yaml.safe_dump(data))
     # Then the check fails naming the address, the VM and both owners
-    assert main(["inventory", "check", str(path)]) == 1
+    assert _check_edited(tmp_path, "ey04-s50001", customer="cust-2077") == 1
     assert ("public IP '203.0.113.10' of customer 'cust-1042' names VM 'ey04-s50001' of "
             "customer 'cust-2077'") in capsys.readouterr().out

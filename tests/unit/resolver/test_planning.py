@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.resolver.inventory import FileInventory, UnknownEntityError
+from services.resolver.inventory import FileInventory, M, UnknownEntityError
 from services.resolver.planning import PlanningError, plan_archives
 from shared.document import validate_document
 from tests.unit.resolver.documents import INVENTORY, example_document
@@ -243,3 +244,28 @@ def test_a_changed_scrub_list_makes_the_server_root_a_new_archive(tmp_path: Path
     assert key(lambda d: replica(d)["customer_paths"].update(
         {"cust-3": ["/srv/cust-3"]})) != unchanged
     assert key(lambda d: replica(d).update(data_dir="/srv/mysql")) != unchanged
+
+
+class CountingInventory(FileInventory):
+    """The example file, counting what planning asks it (each ask is a request over HTTP)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.asked: Counter[tuple[str, str]] = Counter()
+
+    def lookup(self, model: type[M], name: str) -> M:
+        self.asked[(model.__name__, name)] += 1
+        return super().lookup(model, name)
+
+
+def test_the_ownership_pass_and_planning_ask_the_inventory_once_per_entity() -> None:
+    # Given the example, and the example naming an old VM the inventory lacks
+    inventory = CountingInventory(INVENTORY)
+    plan_archives(validate_document(example_document()), inventory, "m")
+    assert inventory.asked and max(inventory.asked.values()) == 1, inventory.asked
+    missing = example_document(local_filesystems=[{"old_vm": "ey04-s59999", "new_vm": "vm_1"}])
+    inventory = CountingInventory(INVENTORY)
+    with pytest.raises(UnknownEntityError, match="ey04-s59999"):
+        plan_archives(validate_document(missing), inventory, "m")
+    # Then the name it lacks is asked once too, though ownership and planning both want it
+    assert inventory.asked[("Vm", "ey04-s59999")] == 1, inventory.asked
