@@ -152,10 +152,17 @@ class SshServer:
             )
         )
 
+    def _command(self) -> list[str]:
+        """The command that runs sshd in the foreground (a subclass may wrap it, e.g. in
+        `ip netns exec`); `_launch` starts it and waits until it greets."""
+        return [str(SSHD), "-D", "-e", "-f", str(self.config_path)]
+
     def _launch(self) -> bool:
+        """Start `_command()` and wait up to 10 s until it greets with `SSH-` on
+        `host:port`; False (and nothing left running) if it exits or never does."""
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [str(SSHD), "-D", "-e", "-f", str(self.config_path)],
+                self._command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -132,9 +132,13 @@ class _Box:
     def exists(self, path: str) -> bool:
         return self.attempt(["test", "-e", path]).exited == 0
 
+    def mounts(self) -> set[str]:
+        """The mount points in /proc/mounts, read once."""
+        return {line.split()[1] for line in (self.read("/proc/mounts") or "").splitlines()
+                if len(line.split()) > 1}
+
     def mounted(self, path: str) -> bool:
-        mounts = self.read("/proc/mounts") or ""
-        return any(line.split()[1:2] == [path] for line in mounts.splitlines())
+        return path in self.mounts()
 
     def ours(self, pid: int | None, marker: str) -> bool:
         """Process `pid` runs and names `marker` (our socket or directory) on its command
@@ -183,10 +187,11 @@ class _Attachment:
         self.dir = str(run_dir / uuid.uuid4().hex[:12])
         self.mountpoint = f"{self.dir}/mnt"
         self.socket = f"{self.dir}/nbdkit.sock"
-        box.run(["mkdir", "-p", "-m", "700", self.dir])
-        box.run(["mkdir", "-p", "-m", "700", self.mountpoint, f"{self.dir}/cow"])
+        # one command (one round trip over SSH); mkdir makes its arguments in order, each 700
+        box.run(["mkdir", "-p", "-m", "700", self.dir, self.mountpoint, f"{self.dir}/cow"])
+        # the directory is the state file's own (reconcile derives it), not recorded
         self.state: dict[str, Any] = {"owner": os.getpid(), "owner_start": _start_time(os.getpid()),
-                                      "owner_boot": _boot_id(), "dir": self.dir}
+                                      "owner_boot": _boot_id()}
         self.save()
 
     def save(self) -> None:
@@ -318,8 +323,9 @@ def _undo(box: _Box, state: dict[str, Any], directory: str) -> None:
             step()
         except FerryError as error:
             log.warning("nbd: undoing %s on %s: %s", directory, box.name, error)
+    mounts = box.mounts()
     for path in (state.get("mounted"), state.get("fuse_dir")):
-        if path and box.mounted(path):  # rm -rf would walk into a mount: leave it
+        if path and path in mounts:  # rm -rf would walk into a mount: leave it
             log.warning("nbd: %s on %s is still mounted; left for the next reconcile", path,
                         box.name)
             return

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from shared import nbd
 from tests.lab.flow import host_leftovers
+from tests.support.helpers import wait_for
 from tests.support.sshd import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,9 +67,7 @@ def served(tmp_path: Path) -> Iterator[tuple[int, dict[str, Path]]]:
     pidfile = tmp_path / "nbd.pid"
     subprocess.run(["nbd-server", "-C", str(config), "-p", str(pidfile)], check=True)
     try:
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(pidfile.exists, timeout=10, what=f"nbd-server's pidfile {pidfile}")
         yield port, images
     finally:
         os.kill(int(pidfile.read_text()), signal.SIGTERM)

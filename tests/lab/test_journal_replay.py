@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from services.archiver.bootstrap import bootstrap as bootstrap_archiver
 from services.snapshotter import exports
 from services.snapshotter.drivers import DmDriver, SnapshotSpec
 from shared.contracts import ArchiveSource, SnapshotReady
 from shared.nbd import attach_export
 from shared.runtime import Service
+from tests.integration.test_archiver import running
 from tests.lab.conftest import lab_settings
 from tests.lab.flow import answer, archived_hashes, host_leftovers, publish, tar_hashes
 from tests.lab.guest import Guest
@@ -111,13 +111,8 @@ def archiver(journal_lab: Guest, tmp_path: Path) -> Iterator[Service]:
     """The real archiver service (datacenter "lab", memory:// + SQLite)."""
     settings = lab_settings(journal_lab.vm, tmp_path, staging_dir=tmp_path / "staging",
                             nbd_run_dir=tmp_path / "nbd")
-    service = bootstrap_archiver(settings, datacenter="lab", concurrency=1)
-    service.start()
-    try:
+    with running(settings, datacenter="lab", concurrency=1) as service:
         yield service
-    finally:
-        service.stop()
-        service.engine.dispose()
 
 
 @pytest.fixture

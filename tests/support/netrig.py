@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -172,24 +171,10 @@ class _HostSshd(SshServer):
                                  f"its log:\n{self.log()}")
         self.known_hosts_path.write_text(f"{self.host} {self.host_key_pub}\n")
 
-    def _launch(self) -> bool:
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                ["ip", "netns", "exec", self.namespace, "/usr/sbin/sshd", "-D", "-e",
-                 "-f", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                return False
-            try:  # from the root namespace, through the host's link
-                with socket.create_connection((self.host, self.port), timeout=0.5) as probe:
-                    if probe.recv(4).startswith(b"SSH-"):
-                        return True
-            except OSError:
-                time.sleep(0.05)
-        self._kill_own_sshd()
-        return False
+    def _command(self) -> list[str]:
+        # started inside the namespace; the base class's readiness probe connects from the
+        # root namespace, through the host's link
+        return ["ip", "netns", "exec", self.namespace, *super()._command()]
 
     def stop(self) -> None:
         """Stop this sshd and its connections; the rig removes the directory."""

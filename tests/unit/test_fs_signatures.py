@@ -82,7 +82,7 @@ def test_each_real_image_shows_exactly_its_own_signature(
 @pytest.mark.parametrize("fs_type", ["ext2", "ext3", "ext4", "xfs", "reiserfs"])
 def test_the_inventory_type_on_its_own_image_passes(fs_type: str, tmp_path: Path) -> None:
     found = check(fs_type, head(make(fs_type, tmp_path)), "xen1:/dev/vg0/vm1")
-    assert found.family in ("ext", fs_type)
+    assert found.family == ("ext" if fs_type.startswith("ext") else fs_type)
 
 
 @pytest.mark.parametrize("kind", ["cramfs", "minix1", "minix3", "iso9660", "squashfs", "xfs"])
