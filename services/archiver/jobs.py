@@ -13,7 +13,6 @@ import errno
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +61,6 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 WARNING_LINES = 20  # of tar's stderr kept as warnings
-
-
-@dataclass(frozen=True)
-class Streamed(ArchiveFile):
-    """A streamed archive, and what its source command left out on purpose."""
-
-    excluded: tuple[str, ...] = ()
 
 
 class Archiver:
@@ -224,8 +216,8 @@ class Archiver:
             lines = [line for line in result.stderr_tail.splitlines() if line.strip()]
             warnings.append(f"tar exited 1 (files changed while being read): "
                             f"{'; '.join(lines[-WARNING_LINES:]) or 'no message'}")
-        return Streamed(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256,
-                        listed.path, listed.sha256, excluded=command.excluded)
+        return ArchiveFile(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256,
+                           listed.path, listed.sha256, excluded=command.excluded)
 
     def _done(self, lease: Lease, archive: ArchiveFile, started: float, warnings: list[str],
               position: dict[str, Any] | None) -> Done:
@@ -255,7 +247,7 @@ class Archiver:
             "compressed_bytes": archive.compressed_bytes, "sha256": archive.sha256,
             "started_at": started, "finished_at": time.time(), "warnings": warnings,
             "replication_position": position, "bytes_done": archive.raw_bytes, "error": None,
-            "excluded": list(getattr(archive, "excluded", ())), "staging_reserved": None,
+            "excluded": list(archive.excluded), "staging_reserved": None,
             "reserved_for": None,
         }, record=record)
 
