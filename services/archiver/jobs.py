@@ -102,13 +102,11 @@ class Archiver:
         self.staging.mkdir(parents=True, exist_ok=True)
         for leftover in remove_partials(self.staging, lease.job_id):
             log.info("%s: removed %s left by an earlier attempt", lease.job_id, leftover.name)
+        started = time.time()  # recorded with the staging reservation, in one transaction
         waiting = reserve(lease, self.staging, self.datacenter, order.source.used_bytes,
-                          self.settings)
+                          self.settings, started_at=started)
         if waiting is not None:  # staging too full for it yet: no attempt spent
             return waiting
-        started = time.time()
-        with lease.units.engine.begin() as connection:
-            lease.update(connection, started_at=started, bytes_done=0)
         warnings: list[str] = []
         position: dict[str, Any] | None = None
         archive: ArchiveFile | None = None

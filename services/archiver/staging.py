@@ -95,13 +95,19 @@ def expected_by_running(connection: Connection, staging: Path, datacenter: str,
 
 
 def reserve(lease: Lease, staging: Path, datacenter: str, used_bytes: int,
-            settings: Settings) -> RetryIn | None:
+            settings: Settings, *, started_at: float | None = None) -> RetryIn | None:
     """Count on room for this archive before it starts: None when there is (recorded on the
     job), a RetryIn (no attempt spent) when staging must free up first. A source of unknown
-    size (used_bytes 0) is not checked. Raises StagingTooSmallError when even an empty
-    staging could not hold it, LeaseLostError."""
+    size (used_bytes 0) is not checked. With `started_at`, the attempt's start (started_at,
+    bytes_done 0) is written in the same transaction as the reservation: one per job start.
+    Raises StagingTooSmallError when even an empty staging could not hold it, LeaseLostError."""
     need = math.ceil(used_bytes * settings.staging_space_margin)
+    values: dict[str, Any] = ({} if started_at is None
+                              else {"started_at": started_at, "bytes_done": 0})
     if need <= 0:
+        if values:
+            with lease.units.engine.begin() as connection:
+                lease.update(connection, **values)
         return None
     with lease.units.engine.begin() as connection:
         _lock_staging(connection, staging)
@@ -120,7 +126,8 @@ def reserve(lease: Lease, staging: Path, datacenter: str, used_bytes: int,
                 f"{sizing}, running archives there still expect {expected}"),
                 counts_as_attempt=False)
         lease.update(connection, staging_reserved=need,
-                     reserved_for=reservation_tag(lease.owner, int(lease.job.attempts)))
+                     reserved_for=reservation_tag(lease.owner, int(lease.job.attempts)),
+                     **values)
     return None
 
 
