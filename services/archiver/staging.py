@@ -141,12 +141,27 @@ class Freed:
     bytes: int
 
 
+def not_reusable(job: Row[Any], now: float, max_age: float) -> str:
+    """Why a finished archive may not answer a new request ("" when it may): the one rule
+    the handlers (reuse) and `collect` (retention) both follow."""
+    if job.kind != SERVER_ROOT:
+        return f"a {job.kind} archive is made afresh for every request"
+    if job.dropped_at is not None:
+        return "dropped"
+    if job.removed_at is not None:
+        return "its staging file was deleted"
+    age = now - float(job.finished_at or 0.0)
+    if age > max_age:
+        return f"{age:.0f} s old, reused up to {max_age:.0f} s"
+    if not Path(str(job.file_path)).is_file():
+        return f"its staging file {job.file_path} is gone"
+    return ""
+
+
 def past_reuse(connection: Connection, job: Row[Any], now: float, reuse_seconds: float) -> bool:
-    """No later request will reuse this finished archive: any kind but a server root, or a
-    server root past its age, dropped, or no longer its key's current archive (refreshed)."""
-    if job.kind != SERVER_ROOT or job.dropped_at is not None:
-        return True
-    if now - float(job.finished_at or 0.0) > reuse_seconds:
+    """No later request will reuse this finished archive: not_reusable says why, or it is
+    no longer its key's current archive (refreshed)."""
+    if not_reusable(job, now, reuse_seconds):
         return True
     current = connection.execute(select(archive_keys.c.archive_id).where(
         archive_keys.c.datacenter == job.datacenter,
