@@ -15,7 +15,8 @@ hash proves what a restore gets, whichever sparse format tar chose. A name that 
 UTF-8 is kept as its bytes (`path_b64`). A database dump has one member, the raw dump.
 
 This module uses the standard library only, and Python 3.7's: the transfer service runs it
-at the destination as a script (`python3 -c`, see `script`), where nothing else may exist.
+at the destination as a script (`python3 -`, see `script`), where nothing else may exist,
+and the archiver runs this file as a script (`python -I shared/manifest.py scan …`).
 """
 
 from __future__ import annotations
@@ -308,7 +309,8 @@ def list_archive(path: str, extension: str, kind: str, name: str,
 
 
 def script() -> str:
-    """This module as a script for `python3 -` (the source on stdin) or `python3 -c`:
+    """This module's source, for `python3 -` (the source on stdin) where the file is not;
+    run as a script (this file, or that source), it does:
 
     - `list PATH EXTENSION KIND NAME`, where the archive is: list_archive's lines;
     - `scan KIND NAME`: the raw stream on stdin, its members' lines on stdout (the archiver

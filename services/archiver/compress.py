@@ -40,6 +40,7 @@ class ArchiveFile:
     sha256: str
     manifest: Path | None = None  # its manifest, sealed with it (None: made before manifests)
     manifest_sha256: str = ""
+    excluded: tuple[str, ...] = ()  # what the source command left out on purpose
 
 
 def manifest_path(archive: Path) -> Path:

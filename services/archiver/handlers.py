@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Row, select, update
 
 from services.archiver.records import completed_event, payload_snapshot
 from services.archiver.sources import ArchiveOrder, SnapshotExport, validate_order
-from services.archiver.staging import SERVER_ROOT
+from services.archiver.staging import not_reusable
 from services.archiver.tables import (
     COMPLETED,
     FAILED,
@@ -161,22 +160,6 @@ def _joinable(connection: Connection, key: Row[Any], max_age: float) -> Row[Any]
                  why_not)
         return None
     return job
-
-
-def not_reusable(job: Row[Any], now: float, max_age: float) -> str:
-    """Why a finished archive may not answer a new request ("" when it may)."""
-    if job.kind != SERVER_ROOT:
-        return f"a {job.kind} archive is made afresh for every request"
-    if job.dropped_at is not None:
-        return "dropped"
-    if job.removed_at is not None:
-        return "its staging file was deleted"
-    age = now - float(job.finished_at or 0.0)
-    if age > max_age:
-        return f"{age:.0f} s old, reused up to {max_age:.0f} s"
-    if not Path(str(job.file_path)).is_file():
-        return f"its staging file {job.file_path} is gone"
-    return ""
 
 
 def _take_new_snapshot(connection: Connection, archive_id: str, order: ArchiveOrder) -> None:

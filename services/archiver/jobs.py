@@ -13,7 +13,6 @@ import errno
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +63,6 @@ log = logging.getLogger(__name__)
 WARNING_LINES = 20  # of tar's stderr kept as warnings
 
 
-@dataclass(frozen=True)
-class Streamed(ArchiveFile):
-    """A streamed archive, and what its source command left out on purpose."""
-
-    excluded: tuple[str, ...] = ()
-
-
 class Archiver:
     """Makes archives for one datacenter: `run` is the JobWorker's work, `fail` its failure."""
 
@@ -110,13 +102,11 @@ class Archiver:
         self.staging.mkdir(parents=True, exist_ok=True)
         for leftover in remove_partials(self.staging, lease.job_id):
             log.info("%s: removed %s left by an earlier attempt", lease.job_id, leftover.name)
+        started = time.time()  # recorded with the staging reservation, in one transaction
         waiting = reserve(lease, self.staging, self.datacenter, order.source.used_bytes,
-                          self.settings)
+                          self.settings, started_at=started)
         if waiting is not None:  # staging too full for it yet: no attempt spent
             return waiting
-        started = time.time()
-        with lease.units.engine.begin() as connection:
-            lease.update(connection, started_at=started, bytes_done=0)
         warnings: list[str] = []
         position: dict[str, Any] | None = None
         archive: ArchiveFile | None = None
@@ -224,8 +214,8 @@ class Archiver:
             lines = [line for line in result.stderr_tail.splitlines() if line.strip()]
             warnings.append(f"tar exited 1 (files changed while being read): "
                             f"{'; '.join(lines[-WARNING_LINES:]) or 'no message'}")
-        return Streamed(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256,
-                        listed.path, listed.sha256, excluded=command.excluded)
+        return ArchiveFile(partial, archive.raw_bytes, archive.compressed_bytes, archive.sha256,
+                           listed.path, listed.sha256, excluded=command.excluded)
 
     def _done(self, lease: Lease, archive: ArchiveFile, started: float, warnings: list[str],
               position: dict[str, Any] | None) -> Done:
@@ -255,7 +245,7 @@ class Archiver:
             "compressed_bytes": archive.compressed_bytes, "sha256": archive.sha256,
             "started_at": started, "finished_at": time.time(), "warnings": warnings,
             "replication_position": position, "bytes_done": archive.raw_bytes, "error": None,
-            "excluded": list(getattr(archive, "excluded", ())), "staging_reserved": None,
+            "excluded": list(archive.excluded), "staging_reserved": None,
             "reserved_for": None,
         }, record=record)
 

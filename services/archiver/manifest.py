@@ -4,10 +4,12 @@ The stream's chunks go to the compressor and, through a pipe, to a child process
 them as a tar stream and hashes every regular file (a database dump: the dump as a whole).
 A child and not a thread: tarfile's header parsing is Python, and a thread holding the GIL
 made the streaming thread wait for it at every chunk (bench/manifest.py: +83% wall time in
-a thread). The child is this interpreter running shared.manifest's source in isolated mode
-(`-I`), so it needs nothing installed. Its lines go to a partial file beside the archive's
-partial (`<archive>.manifest.jsonl.<n>.partial`, swept with it); `close` appends the
-trailer and fsyncs, and the job seals it with the archive.
+a thread). The child is this interpreter running shared/manifest.py as a script in isolated
+mode (`-I`: no environment, no user site, not even its own directory on sys.path), so it
+needs nothing installed and imports the standard library only; `ps` names the file, not 14 KB
+of source on argv. Its lines go to a partial file beside the archive's partial
+(`<archive>.manifest.jsonl.<n>.partial`, swept with it); `close` appends the trailer and
+fsyncs, and the job seals it with the archive.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import manifest as shared_manifest
 from shared.errors import PermanentError, TransientError
-from shared.manifest import header, line, script, trailer
+from shared.manifest import header, line, trailer
 
 PIPE_BYTES = 1 << 20  # the pipe to the child holds one chunk: the stream rarely waits
+SCRIPT = str(Path(shared_manifest.__file__).resolve())  # the child's script: the module itself
 
 
 class ManifestFailedError(PermanentError):
@@ -63,9 +67,9 @@ class ManifestWriter:
         self._closed = False
         self._write(line(header(archive_name, kind)))
         try:
-            # our own interpreter and module source, fixed arguments: nothing from outside
+            # our own interpreter and module file, fixed arguments: nothing from outside
             self._child = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-I", "-c", script(), "scan", kind,
+                [sys.executable, "-I", SCRIPT, "scan", kind,
                  archive_name.rsplit(".", 1)[0]],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except BaseException:

@@ -95,13 +95,19 @@ def expected_by_running(connection: Connection, staging: Path, datacenter: str,
 
 
 def reserve(lease: Lease, staging: Path, datacenter: str, used_bytes: int,
-            settings: Settings) -> RetryIn | None:
+            settings: Settings, *, started_at: float | None = None) -> RetryIn | None:
     """Count on room for this archive before it starts: None when there is (recorded on the
     job), a RetryIn (no attempt spent) when staging must free up first. A source of unknown
-    size (used_bytes 0) is not checked. Raises StagingTooSmallError when even an empty
-    staging could not hold it, LeaseLostError."""
+    size (used_bytes 0) is not checked. With `started_at`, the attempt's start (started_at,
+    bytes_done 0) is written in the same transaction as the reservation: one per job start.
+    Raises StagingTooSmallError when even an empty staging could not hold it, LeaseLostError."""
     need = math.ceil(used_bytes * settings.staging_space_margin)
+    values: dict[str, Any] = ({} if started_at is None
+                              else {"started_at": started_at, "bytes_done": 0})
     if need <= 0:
+        if values:
+            with lease.units.engine.begin() as connection:
+                lease.update(connection, **values)
         return None
     with lease.units.engine.begin() as connection:
         _lock_staging(connection, staging)
@@ -120,7 +126,8 @@ def reserve(lease: Lease, staging: Path, datacenter: str, used_bytes: int,
                 f"{sizing}, running archives there still expect {expected}"),
                 counts_as_attempt=False)
         lease.update(connection, staging_reserved=need,
-                     reserved_for=reservation_tag(lease.owner, int(lease.job.attempts)))
+                     reserved_for=reservation_tag(lease.owner, int(lease.job.attempts)),
+                     **values)
     return None
 
 
@@ -134,12 +141,27 @@ class Freed:
     bytes: int
 
 
+def not_reusable(job: Row[Any], now: float, max_age: float) -> str:
+    """Why a finished archive may not answer a new request ("" when it may): the one rule
+    the handlers (reuse) and `collect` (retention) both follow."""
+    if job.kind != SERVER_ROOT:
+        return f"a {job.kind} archive is made afresh for every request"
+    if job.dropped_at is not None:
+        return "dropped"
+    if job.removed_at is not None:
+        return "its staging file was deleted"
+    age = now - float(job.finished_at or 0.0)
+    if age > max_age:
+        return f"{age:.0f} s old, reused up to {max_age:.0f} s"
+    if not Path(str(job.file_path)).is_file():
+        return f"its staging file {job.file_path} is gone"
+    return ""
+
+
 def past_reuse(connection: Connection, job: Row[Any], now: float, reuse_seconds: float) -> bool:
-    """No later request will reuse this finished archive: any kind but a server root, or a
-    server root past its age, dropped, or no longer its key's current archive (refreshed)."""
-    if job.kind != SERVER_ROOT or job.dropped_at is not None:
-        return True
-    if now - float(job.finished_at or 0.0) > reuse_seconds:
+    """No later request will reuse this finished archive: not_reusable says why, or it is
+    no longer its key's current archive (refreshed)."""
+    if not_reusable(job, now, reuse_seconds):
         return True
     current = connection.execute(select(archive_keys.c.archive_id).where(
         archive_keys.c.datacenter == job.datacenter,

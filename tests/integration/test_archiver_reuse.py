@@ -319,8 +319,10 @@ def test_the_archiver_deletes_a_transferred_file_itself_and_keeps_the_others(
     # When a's copy at the destination was verified (transfer.completed)
     transferred(rabbit_url, (found["a"], "m-a"))
     # Then the archiver deletes its staging file by itself, soon; b's, not transferred, stays
-    wait_for(lambda: not files["a"].exists(), what="a's staging file deleted")
-    assert job(engine, found["a"].archive_id).removed_at is not None
+    # (the file goes before the row's removed_at commits: wait for the row, then look)
+    wait_for(lambda: job(engine, found["a"].archive_id).removed_at is not None,
+             what="a's staging file recorded as deleted")
+    assert not files["a"].exists()
     assert files["b"].is_file() and job(engine, found["b"].archive_id).removed_at is None
 
 

@@ -256,3 +256,22 @@ def test_what_the_source_command_left_out_is_recorded_with_the_archive(
     [job] = [j for j in jobs(units.engine) if j.id == lease.job_id]
     assert job.state == "done" and job.excluded == ["/home", "/root/.bash_history"]
     assert job.staging_reserved is None and Path(job.file_path).is_file()
+
+
+def test_the_attempts_start_is_written_with_its_reservation_and_not_while_it_waits(
+    units: Units, tmp_path: Path,
+) -> None:
+    staging = tmp_path / "staging" / "ey04"
+    staging.mkdir(parents=True)
+    disk = os.statvfs(staging)
+    settings = Settings(staging_space_margin=disk.f_bavail * disk.f_frsize * 0.55)
+    first, second = claimed(units, "a", "w1"), claimed(units, "b", "w2")
+    third = claimed(units, "c", "w3")
+    assert reserve(first, staging, "ey04", 1, settings, started_at=100.0) is None
+    assert isinstance(reserve(second, staging, "ey04", 1, settings, started_at=200.0), RetryIn)
+    assert reserve(third, staging, "ey04", 0, settings, started_at=300.0) is None  # unchecked
+    rows = {row.id: row for row in jobs(units.engine)}
+    assert (rows[first.job_id].started_at, rows[first.job_id].bytes_done) == (100.0, 0)
+    assert rows[first.job_id].staging_reserved is not None
+    assert rows[second.job_id].started_at is None  # waiting: nothing of it is written
+    assert rows[third.job_id].started_at == 300.0 and rows[third.job_id].staging_reserved is None
