@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from ferry.demo_site import build_site
 from ferry.dlq import list_dead
@@ -24,6 +23,7 @@ from services.transfer.tables import transfer_attempts, transfers
 from shared.bus import connect
 from shared.digests import file_sha256
 from shared.topology import FIXED_QUEUES
+from tests.e2e.checks import rows
 from tests.e2e.harness import READY, Pipeline, pipeline_env
 from tests.e2e.observed import pid_of
 from tests.support.helpers import wait_for
@@ -47,15 +47,6 @@ def site(tmp_path: Path) -> Iterator[Path]:
         inventory["vms"][name].update(datacenter="ey02", xen_host="xen-ey02")
     built.inventory_path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     yield workdir
-
-
-def rows(url: str, query: Any) -> list[Any]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return list(connection.execute(query))
-    finally:
-        engine.dispose()
 
 
 def waiting(broker_url: str, queue: str) -> int:
