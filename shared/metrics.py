@@ -134,16 +134,24 @@ class TablesCollector(Collector):
                                     labels=["service"])
         with self._lock:
             watched = list(self._watched.values())
+        # Two archivers (or transfers) of one process, one per datacenter, watch the same
+        # tables through engines of their own: count those once per scrape, not once each.
+        queried: set[tuple[str, str, tuple[str, ...]]] = set()
         seen: set[tuple[str, ...]] = set()
         counted: set[str] = set()
         for each in watched:
+            same = (each.service, each.engine.url.render_as_string(),
+                    tuple(table.name for table in each.tables))
+            if same in queried:
+                continue
             try:
                 rows, unsent = _count(each)
             except Exception as error:  # noqa: BLE001 - a scrape must not fail for it
                 log.warning("metrics: %s's database did not answer: %s", each.service, error)
                 continue
+            queried.add(same)
             for labels, count in rows:
-                if labels not in seen:  # two archivers of one process share one table
+                if labels not in seen:
                     seen.add(labels)
                     jobs.add_metric(list(labels), count)
             if each.service not in counted:
