@@ -6,6 +6,7 @@ datacenter's archive: claimed it first (it is the oldest job) and failed it for 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -197,9 +198,12 @@ def test_ferry_run_transfer_without_a_datacenter_is_refused_naming_the_option(
     # Given no FERRY_DATACENTER
     monkeypatch.delenv("FERRY_DATACENTER", raising=False)
     monkeypatch.setenv("FERRY_BROKER_URL", "memory://")
+    handlers = list(logging.getLogger().handlers)
     # When transfer is run without --datacenter, then it refuses before starting anything
     assert main(["run", "transfer"]) == 1
     assert "give --datacenter DC" in " ".join(capsys.readouterr().out.split())
+    # And this process's logging is as it was (no handler left on the captured stderr)
+    assert logging.getLogger().handlers == handlers
 
 
 def test_jobs_recorded_before_take_their_archives_datacenter_on_upgrade(
