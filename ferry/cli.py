@@ -66,7 +66,6 @@ def run(
     """Run one service (or all of them in this process) until interrupted."""
     _check_service(service, allow_all=True)
     settings = Settings()
-    logs.configure(settings.log_format)  # before the services are built: their warnings too
     if insecure_no_auth:
         settings = settings.model_copy(update={"insecure_no_auth": True})
     datacenters = list(datacenter or ([settings.datacenter] if settings.datacenter else []))
@@ -76,6 +75,9 @@ def run(
     if service == "transfer" and not datacenters:
         raise typer.BadParameter("transfer runs next to a datacenter's archivers and reads its "
                                  "staging only: give --datacenter DC (or FERRY_DATACENTER)")
+    # before the services are built (their warnings too), after the refusals above: a
+    # refused command leaves this process's logging as it was
+    logs.configure(settings.log_format)
     names = list(SERVICES) if service == "all" else [service]
     # One process serving everything must not leave intake's API open: intake makes up a
     # token and prints it when FERRY_API_TOKEN is not set.

@@ -51,6 +51,9 @@ WORK_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 720
 AGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
                3600, 14400)
 
+# What a job's metrics are labelled with: bounded, never a migration or job id.
+WORK_LABELS = ("service", "datacenter", "kind")
+
 messages_handled = Counter(
     "ferry_messages_handled", "Messages a handler committed (duplicates not counted)",
     ["service", "type"], registry=REGISTRY)
@@ -71,31 +74,31 @@ outbox_published = Counter(
     ["service"], registry=REGISTRY)
 job_retries = Counter(
     "ferry_job_retries", "Job attempts that failed and were given back to run again",
-    ["service", "datacenter", "kind"], registry=REGISTRY)
+    WORK_LABELS, registry=REGISTRY)
 job_failures = Counter(
     "ferry_job_failures", "Jobs that failed for good",
-    ["service", "datacenter", "kind"], registry=REGISTRY)
+    WORK_LABELS, registry=REGISTRY)
 archives = Counter(
-    "ferry_archives", "Archives made and sealed", ["service", "datacenter", "kind"],
+    "ferry_archives", "Archives made and sealed", WORK_LABELS,
     registry=REGISTRY)
 archived_bytes = Counter(
     "ferry_archived_bytes", "Bytes of sealed archives (compressed, as staged)",
-    ["service", "datacenter", "kind"], registry=REGISTRY)
+    WORK_LABELS, registry=REGISTRY)
 archived_raw_bytes = Counter(
     "ferry_archived_raw_bytes", "Bytes read from sources into sealed archives",
-    ["service", "datacenter", "kind"], registry=REGISTRY)
+    WORK_LABELS, registry=REGISTRY)
 archive_duration = Histogram(
     "ferry_archive_duration_seconds", "Time from an archive attempt's start to its seal",
-    ["service", "datacenter", "kind"], buckets=WORK_BUCKETS, registry=REGISTRY)
+    WORK_LABELS, buckets=WORK_BUCKETS, registry=REGISTRY)
 transfers = Counter(
     "ferry_transfers", "Archives transferred and verified at the destination",
-    ["service", "datacenter", "kind"], registry=REGISTRY)
+    WORK_LABELS, registry=REGISTRY)
 transferred_bytes = Counter(
     "ferry_transferred_bytes", "Bytes of archives transferred and verified",
-    ["service", "datacenter", "kind"], registry=REGISTRY)
+    WORK_LABELS, registry=REGISTRY)
 transfer_duration = Histogram(
     "ferry_transfer_duration_seconds", "Time from a transfer's first attempt to its verified "
-    "copy (retries and their waits included)", ["service", "datacenter", "kind"],
+    "copy (retries and their waits included)", WORK_LABELS,
     buckets=WORK_BUCKETS, registry=REGISTRY)
 
 
@@ -134,16 +137,24 @@ class TablesCollector(Collector):
                                     labels=["service"])
         with self._lock:
             watched = list(self._watched.values())
+        # Two archivers (or transfers) of one process, one per datacenter, watch the same
+        # tables through engines of their own: count those once per scrape, not once each.
+        queried: set[tuple[str, str, tuple[str, ...]]] = set()
         seen: set[tuple[str, ...]] = set()
         counted: set[str] = set()
         for each in watched:
+            same = (each.service, each.engine.url.render_as_string(),
+                    tuple(table.name for table in each.tables))
+            if same in queried:
+                continue
             try:
                 rows, unsent = _count(each)
             except Exception as error:  # noqa: BLE001 - a scrape must not fail for it
                 log.warning("metrics: %s's database did not answer: %s", each.service, error)
                 continue
+            queried.add(same)
             for labels, count in rows:
-                if labels not in seen:  # two archivers of one process share one table
+                if labels not in seen:
                     seen.add(labels)
                     jobs.add_metric(list(labels), count)
             if each.service not in counted:

@@ -65,12 +65,17 @@ class OutboxRelay:
                 failpoint("relay.before_publish", scope=self._name)
             sent = []
             for row in rows:
+                declare = self._standing_queues(row.routing_key)
                 try:
                     publisher.publish(row.body.encode(), routing_key=row.routing_key,
-                                      declare=self._standing_queues(row.routing_key))
+                                      declare=declare)
                 except (UnroutableError, PublishRefusedError) as error:
+                    self._standing.update(queue.name for queue in declare)  # declare ran
                     self._hold(row.seq, row.routing_key, error, now)
                     continue
+                # declared: not again. A lost connection before (raised above) leaves them
+                # to declare with the row's next try.
+                self._standing.update(queue.name for queue in declare)
                 self._held.pop(row.seq, None)
                 sent.append(row.seq)
             if sent:
@@ -97,9 +102,9 @@ class OutboxRelay:
 
     def _standing_queues(self, routing_key: str) -> list[Queue]:
         # An event for a datacenter whose workers never started would match no queue and be
-        # dropped by the exchange: declare that datacenter's queues first (once per process).
+        # dropped by the exchange: declare that datacenter's queues first (once per process,
+        # marked by publish_pending once a publish declaring them went through).
         specs = [s for s in standing_queues_for(routing_key) if s.name not in self._standing]
-        self._standing.update(spec.name for spec in specs)
         return [queue for spec in specs
                 for queue in (work_queue(spec, self._delivery_limit), dead_queue(spec.name))]
 

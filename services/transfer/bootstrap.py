@@ -37,10 +37,12 @@ def bootstrap(settings: Settings, *, datacenter: str | None = None,
     """The transfer service of `datacenter` (or FERRY_DATACENTER), not started: it consumes
     `transfer.<dc>`, sends only that datacenter's archives, from `<staging>/<dc>`, and runs
     next to its archivers. Without a datacenter it serves every one from the whole staging
-    directory on queue `transfer` (everything on one host: in-process tests only; `ferry
-    run` always names one). `hosts` reach the destinations (by default over SSH, or this
-    machine for a local one). Raises ConfigurationError for a destination it could not
-    reach (malformed, or remote without an SSH key and known_hosts)."""
+    directory on queue `transfer` (everything on one host: tests and bench/transfer.py, in
+    process or as `python -m services.transfer` without --datacenter; `ferry run` always
+    names one, and `ferry broker setup` grants no service user that queue). `hosts` reach
+    the destinations (by default over SSH, or this machine for a local one). Raises
+    ConfigurationError for a destination it could not reach (malformed, or remote without
+    an SSH key and known_hosts)."""
     dc = datacenter or settings.datacenter
     destination = parse_destination(settings.destination, settings)
     if not destination.is_local:

@@ -20,11 +20,10 @@ from rich.table import Table
 from sqlalchemy import Engine, select, update
 
 from services.transfer import SCHEMA
-from services.transfer.destination import open_host, parse_destination
+from services.transfer.jobs import destination_pool
 from services.transfer.ledger import FAILED, TRANSFERRING
 from services.transfer.tables import transfer_requests, transfers
 from services.transfer.verification import ArchiveCheck, verify_archive
-from shared.hosts import HostPool
 from shared.jobs import DONE, rearm_values
 from shared.jobs import FAILED as JOB_FAILED
 from shared.runtime import open_database
@@ -126,7 +125,7 @@ def register_archives(archives_app: typer.Typer) -> None:
         if not jobs:
             console.print(f"[red]no transferred archives for migration {migration}[/]")
             raise typer.Exit(1)
-        hosts = HostPool(lambda text: open_host(parse_destination(text, settings), settings))
+        hosts = destination_pool(settings)
         try:
             checks = [verify_archive(job, hosts.get(job.destination), settings, deep)
                       for job in jobs]

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.transfer import rsync
 from shared.addresses import parse_address
 from shared.errors import ConfigurationError, PermanentError
 from shared.hosts import Host, LocalExecutor
@@ -106,6 +107,21 @@ def ssh_identity(settings: Settings) -> tuple[Path, Path]:
             "FERRY_DESTINATION_SSH_KEY_PATH and FERRY_DESTINATION_KNOWN_HOSTS_PATH (or "
             "FERRY_SSH_KEY_PATH and FERRY_SSH_KNOWN_HOSTS_PATH)")
     return key, known_hosts
+
+
+def rsync_argv_to(destination: Destination, source: Path, remote: str, settings: Settings, *,
+                  append: bool = True) -> list[str]:
+    """The rsync argv that sends `source` to `remote` at the destination (over SSH with its
+    identity, or a local path), with the transfer's timeout and bandwidth limit; `append`
+    as rsync.rsync_argv. Raises ConfigurationError (see ssh_identity)."""
+    ssh = None
+    if not destination.is_local:
+        key, known_hosts = ssh_identity(settings)
+        ssh = rsync.ssh_command(key=key, known_hosts=known_hosts, port=destination.port,
+                                connect_timeout=settings.ssh_connect_timeout)
+    return rsync.rsync_argv(source, destination.rsync_target(remote), ssh=ssh,
+                            timeout_seconds=settings.transfer_timeout_seconds,
+                            bwlimit_kbps=settings.transfer_bwlimit_kbps, append=append)
 
 
 def open_host(destination: Destination, settings: Settings) -> Host:

@@ -24,7 +24,12 @@ from sqlalchemy import ColumnElement, Engine, Row, and_, func, select
 
 from services.transfer import ledger, rsync
 from services.transfer.attempts import Attempt, Ending
-from services.transfer.destination import Destination, open_host, parse_destination, ssh_identity
+from services.transfer.destination import (
+    Destination,
+    open_host,
+    parse_destination,
+    rsync_argv_to,
+)
 from services.transfer.manifests import (
     check_arrived,
     manifest_name,
@@ -213,14 +218,8 @@ def send(ctx: TransferContext, lease: Lease, destination: Destination, source: P
          remote: str) -> dict[str, int]:
     """Run rsync with progress reporting; its --stats. Raises RsyncError, RsyncFailedError,
     HostKeyError, TransferInterruptedError, LeaseLostError."""
-    settings, ssh = ctx.settings, None
-    if not destination.is_local:
-        key, known_hosts = ssh_identity(settings)
-        ssh = rsync.ssh_command(key=key, known_hosts=known_hosts, port=destination.port,
-                                connect_timeout=settings.ssh_connect_timeout)
-    argv = rsync.rsync_argv(source, destination.rsync_target(remote), ssh=ssh,
-                            timeout_seconds=settings.transfer_timeout_seconds,
-                            bwlimit_kbps=settings.transfer_bwlimit_kbps)
+    settings = ctx.settings
+    argv = rsync_argv_to(destination, source, remote, settings)
     reporter = ProgressReporter(lease, settings.transfer_progress_seconds)
     size = int(lease.job.payload["bytes"])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.transfer import rsync
-from services.transfer.destination import Destination, ssh_identity
+from services.transfer.destination import Destination, rsync_argv_to
 from shared.errors import PermanentError, TransientError, UnexpectedExit
 from shared.hosts import Host, LocalExecutor
 from shared.manifest import SUFFIX, ManifestError, parse
@@ -75,14 +75,7 @@ def send_manifest(manifest: StagedManifest, destination: Destination, remote: st
                   settings: Settings) -> None:
     """rsync the manifest whole (to a temporary name there, renamed when complete: a cut
     copy never stands under its name). Raises RsyncError, RsyncFailedError, HostKeyError."""
-    ssh = None
-    if not destination.is_local:
-        key, known_hosts = ssh_identity(settings)
-        ssh = rsync.ssh_command(key=key, known_hosts=known_hosts, port=destination.port,
-                                connect_timeout=settings.ssh_connect_timeout)
-    argv = rsync.rsync_argv(manifest.path, destination.rsync_target(remote), ssh=ssh,
-                            timeout_seconds=settings.transfer_timeout_seconds,
-                            bwlimit_kbps=settings.transfer_bwlimit_kbps, append=False)
+    argv = rsync_argv_to(destination, manifest.path, remote, settings, append=False)
     try:
         LocalExecutor("rsync").run(argv)
     except UnexpectedExit as error:

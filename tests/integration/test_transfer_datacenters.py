@@ -6,6 +6,7 @@ datacenter's archive: claimed it first (it is the oldest job) and failed it for 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -197,14 +198,18 @@ def test_ferry_run_transfer_without_a_datacenter_is_refused_naming_the_option(
     # Given no FERRY_DATACENTER
     monkeypatch.delenv("FERRY_DATACENTER", raising=False)
     monkeypatch.setenv("FERRY_BROKER_URL", "memory://")
+    handlers = list(logging.getLogger().handlers)
     # When transfer is run without --datacenter, then it refuses before starting anything
     assert main(["run", "transfer"]) == 1
     assert "give --datacenter DC" in " ".join(capsys.readouterr().out.split())
+    # And this process's logging is as it was (no handler left on the captured stderr)
+    assert logging.getLogger().handlers == handlers
 
 
 def test_jobs_recorded_before_take_their_archives_datacenter_on_upgrade(
         make_pg_database: Callable[[], str]) -> None:
-    # Given a transfer database at the revision before, holding one job of ey02's archive
+    # Given a transfer database at the revision before, holding jobs of ey02's and ey04's
+    # archives
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import text
@@ -223,12 +228,18 @@ def test_jobs_recorded_before_take_their_archives_datacenter_on_upgrade(
             "INSERT INTO transfers (id, migration_id, kind, state, payload, attempts, "
             "next_run_at, bytes_done, created_at, updated_at, archive_id, destination, "
             "verify_failures) VALUES ('j1', 'm1', 'shared_fs', 'pending', "
-            "'{\"datacenter\": \"ey02\"}', 0, 0, 0, 0, 0, 'a1', '/d', 0)"))
+            "'{\"datacenter\": \"ey02\"}', 0, 0, 0, 0, 0, 'a1', '/d', 0), ('j2', 'm2', "
+            "'shared_fs', 'pending', '{\"datacenter\": \"ey04\"}', 0, 0, 0, 0, 0, 'a2', "
+            "'/d', 0)"))
         connection.commit()
-    # When it is upgraded, then the job is ey02's: only ey02's workers claim it
+    # When it is upgraded, then each job is its archive's datacenter's: only its workers
+    # claim it
     upgrade(engine, SCHEMA)
     with engine.connect() as connection:
-        assert connection.execute(select(transfers.c.datacenter)).scalars().all() == ["ey02"]
-    assert TransferLeases(engine, 3.0, 2, "ey04").claim(worker_id()) is None
-    assert TransferLeases(engine, 3.0, 2, "ey02").claim(worker_id()) is not None
+        assert connection.execute(select(transfers.c.datacenter).order_by(transfers.c.id)
+                                  ).scalars().all() == ["ey02", "ey04"]
+    assert TransferLeases(engine, 3.0, 2, "ey03").claim(worker_id()) is None
+    claimed = TransferLeases(engine, 3.0, 2, "ey02").claim(worker_id())
+    assert claimed is not None and claimed.id == "j1"
+    assert TransferLeases(engine, 3.0, 2, "ey02").claim(worker_id()) is None
     engine.dispose()

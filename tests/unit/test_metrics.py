@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Column, Engine, MetaData, String, insert
+from sqlalchemy import Column, Engine, MetaData, String, event, insert
 
 from ferry.loopback_sshd import free_port
 from services.intake.api import create_app
@@ -102,6 +102,39 @@ def test_a_database_that_does_not_answer_leaves_only_its_service_out(
     finally:
         metrics.TABLES.forget("up")
         metrics.TABLES.forget("down")
+
+
+def test_two_services_of_one_process_on_one_database_are_counted_once_per_scrape(
+    engine: Engine, tmp_path: Path,
+) -> None:
+    # Given two archivers of one process (two datacenters), each with its own engine on the
+    # same database, and a third service on a database of its own
+    add_job(engine, "a", "local_fs", datacenter="ey04")
+    add_job(engine, "b", "local_fs", datacenter="ey05")
+    twin = make_engine(str(engine.url))
+    other = make_engine(f"sqlite:///{tmp_path}/other.sqlite3")
+    messaging.create_all(other)
+    metadata.create_all(other)
+    statements: list[str] = []
+    for each in (engine, twin, other):
+        event.listen(each, "before_cursor_execute",
+                     lambda *args: statements.append(args[2]) if args[2].startswith("SELECT")
+                     else None)
+    metrics.TABLES.watch("dc-a", "unit-twins", engine, [jobs])
+    metrics.TABLES.watch("dc-b", "unit-twins", twin, [jobs])
+    metrics.TABLES.watch("own", "unit-own", other, [jobs])
+    try:
+        list(metrics.TABLES.collect())
+        # Then each database is asked once: its job table and its outbox
+        assert len(statements) == 4, statements
+        # And both datacenters' jobs are still there
+        assert value("ferry_jobs", service="unit-twins", datacenter="ey05", kind="local_fs",
+                     state="pending") == 1
+    finally:
+        for key in ("dc-a", "dc-b", "own"):
+            metrics.TABLES.forget(key)
+        twin.dispose()
+        other.dispose()
 
 
 def test_a_handled_message_is_counted_with_its_age_from_the_envelope(engine: Engine) -> None:

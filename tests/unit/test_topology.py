@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import insert
 
 from ferry.broker import grant, inventory_datacenters
 from ferry.event_map import DC, event_routes
@@ -14,6 +16,10 @@ from services.archiver import handlers as archiver
 from services.resolver import handlers as resolver
 from services.snapshotter import handlers as snapshotter
 from services.transfer import handlers as transfer
+from shared.db import make_engine
+from shared.inbox_outbox import metadata as messaging
+from shared.inbox_outbox import outbox_table
+from shared.relay import OutboxRelay
 from shared.runtime import routing_keys
 from shared.settings import SERVICES, Settings
 from shared.topology import (
@@ -69,6 +75,43 @@ def test_publishing_a_datacenters_event_declares_both_of_its_queues_first() -> N
         assert {s.name for s in standing_queues_for(key)} == {"archiver.ey02", "transfer.ey02"}
     assert standing_queues_for("migration.resolved") == []
     assert standing_queues_for("transfer.completed") == []
+
+
+class _LosesItsFirstPublish:
+    """A publisher whose connection drops during its first publish (a fake: a real broker
+    cannot be made to drop one publish on cue); records what each call asked to declare."""
+
+    def __init__(self) -> None:
+        self.declared: list[set[str]] = []
+
+    def publish(self, body: bytes, *, routing_key: str, declare: Any = ()) -> None:
+        self.declared.append({queue.name for queue in declare})
+        if len(self.declared) == 1:
+            raise ConnectionResetError("connection lost while declaring")
+
+
+def test_a_datacenters_queues_are_declared_again_after_a_publish_that_failed(
+        tmp_path: Path) -> None:
+    # Given an archive request for a datacenter no worker of which ever ran
+    engine = make_engine(f"sqlite:///{tmp_path}/outbox.sqlite3")
+    messaging.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(insert(outbox_table).values(
+            message_id="m1", routing_key="archive.requested.ey02", body="{}", created_at=0.0))
+    relay = OutboxRelay(engine, "memory://")
+    publisher = _LosesItsFirstPublish()
+    # When the connection drops during the first publish
+    with pytest.raises(ConnectionResetError):
+        relay.publish_pending(publisher)  # type: ignore[arg-type]
+    # Then the next try declares the datacenter's queues again, and once through, no more
+    assert relay.publish_pending(publisher) == 1  # type: ignore[arg-type]
+    assert publisher.declared[1] == publisher.declared[0] >= {"archiver.ey02", "transfer.ey02"}
+    with engine.begin() as connection:
+        connection.execute(insert(outbox_table).values(
+            message_id="m2", routing_key="archive.completed.ey02", body="{}", created_at=0.0))
+    assert relay.publish_pending(publisher) == 1  # type: ignore[arg-type]
+    assert publisher.declared[2] == set()
+    engine.dispose()
 
 
 # -- each service's broker user (ferry/broker.py) --------------------------------------------

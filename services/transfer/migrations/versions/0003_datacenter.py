@@ -23,13 +23,16 @@ def upgrade() -> None:
     connection = op.get_bind()
     jobs = sa.table("transfers", sa.column("id", sa.String), sa.column("payload", sa.JSON),
                     sa.column("datacenter", sa.String))
+    found = []
     for job_id, payload in connection.execute(sa.select(jobs.c.id, jobs.c.payload)).all():
         if isinstance(payload, str):
             payload = json.loads(payload)
         datacenter = (payload or {}).get("datacenter")
         if datacenter:
-            connection.execute(sa.update(jobs).where(jobs.c.id == job_id)
-                               .values(datacenter=datacenter))
+            found.append({"job_id": job_id, "dc": datacenter})
+    if found:  # one statement, executed for every job: not a round trip each
+        connection.execute(sa.update(jobs).where(jobs.c.id == sa.bindparam("job_id"))
+                           .values(datacenter=sa.bindparam("dc")), found)
     op.create_index("ix_transfers_datacenter_destination_state", "transfers",
                     ["datacenter", "destination", "state"])
 
