@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from shared.errors import PermanentError
 from shared.hosts import Host, LocalExecutor
+from shared.ssh import SSHHost
 
 # One round trip, a fixed script (nothing from a request is in it). Tools that are missing
 # leave their section empty; the last `true` makes a host where every check failed still a
@@ -193,8 +194,8 @@ def usable_timeout(host: Host, tools: Capabilities, timeout: float | None,
     by closing its channel. The local executor enforces its timeouts itself, on any host."""
     if timeout is None or tools.remote_timeout or isinstance(host, LocalExecutor):
         return timeout
-    if getattr(host, "remote_reaper", False):
-        host.remote_reaper = False  # type: ignore[attr-defined]
+    if isinstance(host, SSHHost):
+        host.remote_reaper = False
     note = (f"{host.name}: no `timeout --kill-after` there ({tools.timeout_version or 'none'}):"
             " a command that times out is stopped by closing its connection only")
     if note not in warnings:

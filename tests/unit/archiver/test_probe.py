@@ -31,6 +31,7 @@ from shared.contracts import ArchiveSource
 from shared.errors import HostUnreachableError
 from shared.hosts import LocalExecutor, Result, Sink
 from shared.settings import Settings
+from shared.ssh import SSHConfig, SSHHost
 
 MYSQLDUMP_50_HELP = """\
 mysqldump  Ver 10.11 Distrib 5.0.51a, for debian-linux-gnu (x86_64)
@@ -180,7 +181,6 @@ class FakeSSHHost:
         self.output = output
         self.fail = fail
         self.runs = 0
-        self.remote_reaper = True
 
     def run(self, argv: list[str], *, timeout: float | None = None, sink: Sink | None = None,
             ok_exits: Collection[int] = (0,), stdin: bytes | None = None) -> Result:
@@ -201,10 +201,12 @@ def test_a_host_without_timeout_kill_after_runs_commands_without_a_limit_and_say
 ) -> None:
     tools = caps(timeout=timeout, kill_after=kill_after)
     warnings: list[str] = []
-    host = FakeSSHHost("")
-    assert not tools.remote_timeout
-    assert usable_timeout(host, tools, 60, warnings) == 60  # type: ignore[arg-type]
-    assert usable_timeout(host, tools, 60, warnings) == 60  # type: ignore[arg-type]
+    # a real SSHHost (it connects only when a command runs: none does here)
+    host = SSHHost(SSHConfig(host="192.0.2.1", user="root", key_path=Path("/nonexistent"),
+                             known_hosts_path=Path("/nonexistent")), name="old-replica")
+    assert not tools.remote_timeout and host.remote_reaper
+    assert usable_timeout(host, tools, 60, warnings) == 60
+    assert usable_timeout(host, tools, 60, warnings) == 60
     assert not host.remote_reaper  # the SSH layer leaves the remote wrapper out
     assert warnings == [f"old-replica: no `timeout --kill-after` there "
                         f"({tools.timeout_version or 'none'}): a command that times out is "
