@@ -5,13 +5,15 @@ transfer per archive, nothing half-done, nothing dead-lettered."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferry.demo_site import build_site, drop_database
 from ferry.dlq import list_dead
 from shared.settings import SERVICES
 from shared.topology import FIXED_QUEUES
@@ -20,6 +22,18 @@ from tests.e2e.harness import Pipeline, pipeline_env
 from tests.e2e.observed import Databases
 
 ARCHIVES = 7  # the small site's sources
+
+
+@contextlib.contextmanager
+def small_site(workdir: Path) -> Iterator[tuple[Path, str]]:
+    """The small sample site under `workdir` with its MariaDB database: (workdir, database
+    name); the database is dropped on leaving."""
+    built, why = build_site(workdir, "small", "127.0.0.1:3306")
+    assert why is None and built.database, f"the sample database could not be made: {why}"
+    try:
+        yield workdir, built.database
+    finally:
+        drop_database("127.0.0.1:3306", built.database)
 
 
 @dataclass

@@ -13,20 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from ferry.demo_site import build_site, drop_database
 from tests.e2e.observed import Probe, not_yet, pid_of
-from tests.e2e.runs import Run, run_migration
+from tests.e2e.runs import Run, run_migration, small_site
 
 SEED_VARIABLE = "FERRY_CHAOS_SEED"  # set it to replay a failed run's order
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    workdir = tmp_path / "site"
-    built, why = build_site(workdir, "small", "127.0.0.1:3306")
-    assert why is None and built.database, f"the sample database could not be made: {why}"
-    yield workdir, built.database
-    drop_database("127.0.0.1:3306", built.database)
+    with small_site(tmp_path / "site") as made:
+        yield made
 
 
 def archiver_named(run: Run, owner: str | None) -> str | None:

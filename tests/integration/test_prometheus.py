@@ -21,7 +21,6 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from ferry.demo_site import build_site, drop_database
 from ferry.dlq import list_dead
 from ferry.loopback_sshd import free_port
 from services.archiver.tables import archive_jobs
@@ -31,7 +30,7 @@ from shared.runtime import Service
 from shared.settings import SERVICES
 from tests.e2e.harness import READY, pipeline_env
 from tests.e2e.harness import SERVICES as PIPELINE
-from tests.e2e.runs import ARCHIVES, Run, run_migration
+from tests.e2e.runs import ARCHIVES, Run, run_migration, small_site
 from tests.integration.test_backbone import (  # noqa: F401 - `running` is the fixture
     echo_envelope,
     publish,
@@ -104,11 +103,8 @@ class Prometheus:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    workdir = tmp_path / "site"
-    built, why = build_site(workdir, "small", "127.0.0.1:3306")
-    assert why is None and built.database, f"the sample database could not be made: {why}"
-    yield workdir, built.database
-    drop_database("127.0.0.1:3306", built.database)
+    with small_site(tmp_path / "site") as made:
+        yield made
 
 
 def made_by(run: Run) -> dict[str, float]:
